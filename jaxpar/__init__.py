@@ -1,0 +1,10 @@
+"""jaxpar: Hugging Face LLM checkpoints in JAX, sharded over a named mesh by one rule table."""
+
+from jaxpar.api import DEFAULT_MODEL, LoadedModel, generate, load
+from jaxpar.config import ConfigError, ModelConfig, load_config
+from jaxpar.generate import GenerationResult
+from jaxpar.loading.sources import CheckpointError
+
+__all__ = ["load", "generate", "LoadedModel", "GenerationResult", "ModelConfig", "load_config",
+           "ConfigError", "CheckpointError", "DEFAULT_MODEL"]
+__version__ = "0.1.0"

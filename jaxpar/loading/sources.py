@@ -1,0 +1,83 @@
+"""Readers of checkpoint tensors by name and slice, without loading whole files.
+
+A `TensorSource` answers `read(name, index)` with just that block of the tensor, in the
+Hugging Face layout and naming. Safetensors are read through `safe_open(...).get_slice`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy for safetensors)
+import numpy as np
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, or does not match the model."""
+
+
+Index = tuple[slice, ...]
+
+
+class TensorSource(Protocol):
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, index: Index) -> np.ndarray: ...
+
+
+class SafetensorsSource:
+    """One `model.safetensors`, or the shards named by `model.safetensors.index.json`."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        index_file = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        elif single.is_file():
+            weight_map = None
+        else:
+            raise CheckpointError(
+                f"no weights in {model_dir}: expected model.safetensors or "
+                "model.safetensors.index.json")
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        files = sorted(set(weight_map.values())) if weight_map else [single.name]
+        for fname in files:
+            path = model_dir / fname
+            if not path.is_file():
+                raise CheckpointError(f"weight shard {path} named by the index is missing")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {path} (truncated or not safetensors): {e}") from e
+            self._handles[fname] = handle
+            for name in handle.keys():
+                self._file_of[name] = fname
+        if weight_map:
+            for name, fname in weight_map.items():
+                if name not in self._file_of:
+                    raise CheckpointError(f"tensor {name} is listed in the index under {fname} but is not in it")
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def _slice(self, name: str):
+        try:
+            return self._handles[self._file_of[name]].get_slice(name)
+        except KeyError:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._slice(name).get_dtype()
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        return np.asarray(self._slice(name)[index])

@@ -1,0 +1,115 @@
+"""One causal decoder for every family, assembled from `ModelConfig.layer_types`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.config import ATTENTION, MLP as MLP_KIND, ModelConfig
+from jaxpar.models.attention import Attention
+from jaxpar.models.cache import Cache, KVCache
+from jaxpar.models.mlp import MLP
+from jaxpar.models.norms import RMSNorm
+from jaxpar.models.options import RuntimeOptions
+from jaxpar.models.params import LINEAR, param
+from jaxpar.sharding.axis_rules import AxisRules
+from jaxpar.sharding.model_sharding import ModelSharding
+
+RESIDUAL_AXES = ("batch", "seq", "embed")
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, hidden: int, dtype):
+        self.weight = param((vocab, hidden), ("vocab", "embed"), dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+
+class LMHead(nnx.Module):
+    def __init__(self, hidden: int, vocab: int, dtype):
+        self.weight = param((hidden, vocab), ("embed", "vocab"), dtype, LINEAR)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, dtype, rules: AxisRules,
+                 options: RuntimeOptions):
+        kind, ffn_kind = cfg.layer_types[index], cfg.mlp_types[index]
+        if kind != ATTENTION or ffn_kind != MLP_KIND:
+            raise NotImplementedError(f"layer {index}: {kind}/{ffn_kind} blocks are not built yet")
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, zero_centred=cfg.zero_centred_norm)
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = Attention(cfg, dtype, rules, options)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rules, bias=cfg.mlp_bias)
+        self.rules = rules
+
+    def __call__(self, x, positions, cache, lengths, *, decode: bool):
+        with jax.named_scope(f"layer_{self.index}"):
+            h, cache = self.self_attn(self.input_layernorm(x), positions, cache, lengths, decode=decode)
+            x = self.rules.constrain(x + h, RESIDUAL_AXES)
+            x = x + self.mlp(self.post_attention_layernorm(x))
+            return self.rules.constrain(x, RESIDUAL_AXES), cache
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, sharding: ModelSharding,
+                 options: RuntimeOptions = RuntimeOptions()):
+        self.cfg = cfg
+        self.sharding = sharding
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, sharding.layers[i], options)
+                                for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                            zero_centred=cfg.zero_centred_norm)
+        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """h: [..., E] -> float32 logits [..., V]."""
+        if self.lm_head is None:
+            w = self.embed_tokens.weight[...].T
+        else:
+            w = self.lm_head.weight[...]
+        logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return self.sharding.embed.constrain(logits, ("batch",) * (h.ndim - 1) + ("vocab",))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None,
+                 lengths: jax.Array, *, decode: bool, last_only: bool):
+        """tokens, positions: [B, T]. Returns (logits, new cache).
+
+        Prefill: `lengths` = valid tokens per row; decode: T == 1 and `lengths` = tokens
+        already cached. `last_only` returns logits of each row's last valid token [B, V]
+        instead of all positions [B, T, V] (the lm_head is the largest matmul of a step).
+        """
+        x = self.embed_tokens(tokens)
+        x = self.sharding.embed.constrain(x, RESIDUAL_AXES)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache = layer(x, positions, layer_cache, lengths, decode=decode)
+            new_layers.append(layer_cache)
+        if last_only and not decode:
+            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        if last_only:
+            x = x[:, 0]
+        logits = self.logits(self.norm(x))
+        if cache is None:
+            return logits, None
+        new_lengths = cache.lengths + (1 if decode else lengths)
+        return logits, Cache(layers=tuple(new_layers), lengths=new_lengths)
+
+
+def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
+               dtype) -> Cache:
+    """An empty cache, created directly in its sharded layout."""
+    layers = []
+    for i, kind in enumerate(cfg.layer_types):
+        if kind != ATTENTION:
+            raise NotImplementedError(kind)
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        s = sharding.layers[i].sharding(KVCache.LOGICAL_AXES)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=s)
+        layers.append(KVCache(k=zeros(), v=zeros()))
+    return Cache(layers=tuple(layers), lengths=jnp.zeros((batch,), jnp.int32))

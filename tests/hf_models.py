@@ -1,0 +1,69 @@
+"""Tiny random Hugging Face models, made and saved at test time as references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(family: str, **overrides):
+    import transformers
+
+    kw = {**_COMMON, **overrides}
+    if family == "llama":
+        return transformers.LlamaConfig(rope_theta=10000.0, **kw)
+    if family == "qwen2":
+        kw.setdefault("tie_word_embeddings", True)
+        return transformers.Qwen2Config(rope_theta=1e6, **kw)
+    if family == "qwen3":
+        return transformers.Qwen3Config(head_dim=16, rope_theta=1e6, **kw)
+    raise ValueError(family)
+
+
+def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init has tiny weights; larger ones make the logits discriminative.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 1:
+                p.normal_(0.0, 0.2 if p.ndim > 1 else 1.0).clamp_(-1, 1)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_model(path: Path):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_logits(path_or_model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    model = hf_model(path_or_model) if isinstance(path_or_model, Path) else path_or_model
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+def hf_greedy(path_or_model, ids: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    model = hf_model(path_or_model) if isinstance(path_or_model, Path) else path_or_model
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(ids):].tolist()
