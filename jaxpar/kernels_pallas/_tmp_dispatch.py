@@ -17,9 +17,10 @@ def attention_decode(q, kc, vc, kv_lens, *, scale, impl="auto", slot_positions=N
     kvh = kc.shape[2]
     qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
     s = jnp.einsum("bgrd,bsgd->bgrs", qg, kc.astype(jnp.float32)) * scale
-    mask = jnp.arange(kc.shape[1])[None, :] < kv_lens[:, None]
+    pos = jnp.arange(kc.shape[1]) if slot_positions is None else slot_positions
+    mask = pos[None, :] < kv_lens[:, None]
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.exp(s - lse[..., None])
+    p = jnp.where(mask[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0)
     o = jnp.einsum("bgrs,bsgd->bgrd", p, vc.astype(jnp.float32))
     return o.reshape(b, h, d), lse.reshape(b, h)

@@ -33,10 +33,6 @@ def hf_name(cfg: ModelConfig, path: ParamPath) -> str:
     return dotted if path[0] == "lm_head" else cfg.weight_prefix + dotted
 
 
-def rules_for(sharding: ModelSharding, path: ParamPath):
-    return sharding.layers[int(path[1])] if path[0] == "layers" else sharding.embed
-
-
 def _groups(transposed_shape: tuple[int, ...], our_shape: tuple[int, ...]) -> list[list[int]]:
     """Which consecutive dims of ours each (transposed) HF dim splits into."""
     groups, d = [], 0
@@ -101,7 +97,7 @@ def load_params(state: nnx.State, cfg: ModelConfig, source: TensorSource, shardi
             raise CheckpointError(f"tensor {name} has shape {hf_shape}; the config implies "
                                   f"{_hf_expected(var.hf_layout, our_shape)}")
         consumed.add(name)
-        named = rules_for(sharding, path).sharding(var.logical_axes)
+        named = sharding.rules_for_param(path).sharding(var.logical_axes)
         loaded.append((path, _place(source, name, var.hf_layout, our_shape, named, dtype)))
     unexpected = sorted(n for n in available - consumed
                         if not n.endswith(IGNORED_SUFFIXES) and not _tied_duplicate(cfg, n))

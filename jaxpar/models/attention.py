@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.kernels_pallas import _tmp_dispatch as dispatch
+from jaxpar.models import kv_parallel
 from jaxpar.models.cache import KVCache
 from jaxpar.models.linear import Linear
 from jaxpar.models.norms import RMSNorm
@@ -33,6 +34,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.inv_freq = tuple(inverse_frequencies(cfg.rope, d).tolist())
         self.scale = d ** -0.5
+        self.num_heads, self.num_kv_heads = h, kvh
         self.rules = rules
         self.options = options
 
@@ -53,25 +55,22 @@ class Attention(nnx.Module):
         Prefill (decode=False): the T tokens start the sequence (the cache, if given, is
         empty); `lengths` [B] counts the valid (right-padded) tokens of each row.
         Decode (decode=True): T == 1 and `lengths` [B] is how many tokens each row's
-        cache already holds; the new token is written at that slot.
+        cache already holds; the new token is written at that position.
         """
+        x = self.rules.constrain(x, ("batch", "seq", "embed"))
         q, k, v = self._qkv(x, positions)
         if not decode:
             with jax.named_scope("prefill_attention"):
                 o = dispatch.attention_prefill(q, k, v, lengths, scale=self.scale,
                                                impl=self.options.kernel_impl)
             if cache is not None:
-                cache = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, 1),
-                                v=jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), 0, 1))
+                cache = kv_parallel.write_prefill(self.rules, k, v, cache)
         else:
-            rows = jnp.arange(x.shape[0])
-            cache = KVCache(k=cache.k.at[rows, lengths].set(k[:, 0].astype(cache.k.dtype)),
-                            v=cache.v.at[rows, lengths].set(v[:, 0].astype(cache.v.dtype)))
-            cache = KVCache(k=self.rules.constrain(cache.k, KVCache.LOGICAL_AXES),
-                            v=self.rules.constrain(cache.v, KVCache.LOGICAL_AXES))
             with jax.named_scope("decode_attention"):
-                o, _ = dispatch.attention_decode(q[:, 0], cache.k, cache.v, lengths + 1,
-                                                 scale=self.scale, impl=self.options.kernel_impl)
-            o = o[:, None].astype(x.dtype)
+                o, cache = kv_parallel.decode_attention(
+                    self.rules, q[:, 0], k[:, 0], v[:, 0], cache, lengths,
+                    num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=self.scale,
+                    impl=self.options.kernel_impl)
+            o = o[:, None]
         o = self.rules.constrain(o.astype(x.dtype), Q_AXES)
-        return self.o_proj(o), cache
+        return self.rules.constrain(self.o_proj(o), ("batch", "seq", "embed")), cache

@@ -13,10 +13,12 @@ from jaxpar.models.mlp import MLP
 from jaxpar.models.norms import RMSNorm
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.models.params import LINEAR, param
-from jaxpar.sharding.axis_rules import AxisRules
-from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding
 
-RESIDUAL_AXES = ("batch", "seq", "embed")
+# The residual stream between blocks: batch over data-parallel replicas only, sequence
+# split when the block's plan asks for sequence parallelism (prefill only: T = 1 at decode).
+PREFILL_RESIDUAL = ("residual_batch", "residual_seq", "embed")
+DECODE_RESIDUAL = ("residual_batch", None, "embed")
 
 
 class Embedding(nnx.Module):
@@ -33,7 +35,7 @@ class LMHead(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, index: int, dtype, rules: AxisRules,
+    def __init__(self, cfg: ModelConfig, index: int, dtype, sharding: LayerSharding,
                  options: RuntimeOptions):
         kind, ffn_kind = cfg.layer_types[index], cfg.mlp_types[index]
         if kind != ATTENTION or ffn_kind != MLP_KIND:
@@ -41,17 +43,21 @@ class DecoderLayer(nnx.Module):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, zero_centred=cfg.zero_centred_norm)
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, dtype, rules, options)
+        self.self_attn = Attention(cfg, dtype, sharding.mixer, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rules, bias=cfg.mlp_bias)
-        self.rules = rules
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, sharding.ffn, bias=cfg.mlp_bias)
+        self.sharding = sharding
 
     def __call__(self, x, positions, cache, lengths, *, decode: bool):
+        residual = DECODE_RESIDUAL if decode else PREFILL_RESIDUAL
+        mixer, ffn = self.sharding.mixer, self.sharding.ffn
         with jax.named_scope(f"layer_{self.index}"):
+            x = mixer.constrain(x, residual)
             h, cache = self.self_attn(self.input_layernorm(x), positions, cache, lengths, decode=decode)
-            x = self.rules.constrain(x + h, RESIDUAL_AXES)
+            x = mixer.constrain(x + h, residual)
+            x = ffn.constrain(x, residual)
             x = x + self.mlp(self.post_attention_layernorm(x))
-            return self.rules.constrain(x, RESIDUAL_AXES), cache
+            return ffn.constrain(x, residual), cache
 
 
 class CausalLM(nnx.Module):
@@ -73,7 +79,7 @@ class CausalLM(nnx.Module):
         else:
             w = self.lm_head.weight[...]
         logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-        return self.sharding.embed.constrain(logits, ("batch",) * (h.ndim - 1) + ("vocab",))
+        return self.sharding.head.constrain(logits, ("residual_batch",) + (None,) * (h.ndim - 2) + ("vocab",))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None,
                  lengths: jax.Array, *, decode: bool, last_only: bool):
@@ -84,7 +90,7 @@ class CausalLM(nnx.Module):
         instead of all positions [B, T, V] (the lm_head is the largest matmul of a step).
         """
         x = self.embed_tokens(tokens)
-        x = self.sharding.embed.constrain(x, RESIDUAL_AXES)
+        x = self.sharding.embed.constrain(x, DECODE_RESIDUAL if decode else PREFILL_RESIDUAL)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
@@ -109,7 +115,7 @@ def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: i
         if kind != ATTENTION:
             raise NotImplementedError(kind)
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        s = sharding.layers[i].sharding(KVCache.LOGICAL_AXES)
+        s = sharding.layers[i].mixer.sharding(KVCache.LOGICAL_AXES)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=s)
         layers.append(KVCache(k=zeros(), v=zeros()))
     return Cache(layers=tuple(layers), lengths=jnp.zeros((batch,), jnp.int32))

@@ -1,38 +1,67 @@
-"""The resolved sharding of a whole model: one `AxisRules` per layer plus the
-embedding / head rules. The rule table resolves to this; models only read it."""
+"""The resolved sharding of a whole model: `AxisRules` for every block. The rule table
+resolves to this (`jaxpar.sharding.resolve.build_sharding`); models only read it."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
 from jax.sharding import Mesh
 
-from jaxpar.config import ModelConfig
-from jaxpar.sharding.axis_rules import AxisRules, MeshAxes, single_device_mesh
+from jaxpar.sharding.axis_rules import AxisRules
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSharding:
+    mixer: AxisRules  # attention / linear attention block
+    ffn: AxisRules  # MLP / MoE block
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSharding:
     mesh: Mesh
-    layers: tuple[AxisRules, ...]
-    # Embedding, final norm and lm_head.
+    layers: tuple[LayerSharding, ...]
     embed: AxisRules
+    head: AxisRules
+    # The resolved per-block plans (jaxpar.sharding.resolve.LayerPlan), for reports.
+    plans: tuple[Any, ...] = ()
+    table_name: str = "tp"
 
     @classmethod
-    def plain_tp(cls, cfg: ModelConfig, mesh: Mesh | None = None,
-                 tp_axes: MeshAxes | None = None) -> "ModelSharding":
-        """Every layer tensor-parallel over `tp_axes` (default: all mesh axes)."""
-        mesh = mesh or single_device_mesh()
-        tp_axes = tuple(mesh.axis_names) if tp_axes is None else tp_axes
-        rules = AxisRules(mesh, tp_layer_rules(cfg, mesh, tp_axes))
-        embed = AxisRules(mesh, (("vocab", tp_axes),))
-        return cls(mesh=mesh, layers=(rules,) * cfg.num_layers, embed=embed)
+    def plain_tp(cls, cfg, mesh_or_devices=None) -> "ModelSharding":
+        """Every block tensor-parallel over all the given devices (default: one device)."""
+        import jax
 
+        from jaxpar.sharding.resolve import build_sharding
+        from jaxpar.sharding.rules import preset
 
-def tp_layer_rules(cfg: ModelConfig, mesh: Mesh, tp_axes: MeshAxes) -> tuple[tuple[str, MeshAxes], ...]:
-    tp = 1
-    for a in tp_axes:
-        tp *= mesh.shape[a]
-    # KV heads fewer than tp ranks are replicated (each rank keeps the KV heads of its q heads).
-    kv_axes = tp_axes if cfg.num_kv_heads % tp == 0 else ()
-    return (("q_heads", tp_axes), ("kv_heads", kv_axes), ("ffn", tp_axes))
+        if isinstance(mesh_or_devices, Mesh):
+            devices = list(mesh_or_devices.devices.flat)
+        else:
+            devices = list(mesh_or_devices or jax.devices()[:1])
+        return build_sharding(preset("tp", len(devices)), cfg, devices)
+
+    def _all_rules(self):
+        for layer in self.layers:
+            yield layer.mixer
+            yield layer.ffn
+        yield self.embed
+        yield self.head
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches are padded to a multiple of this (batch-split attention / dp replicas)."""
+        return math.lcm(*(r.size("batch") for r in self._all_rules()))
+
+    @property
+    def seq_multiple(self) -> int:
+        """Prefill lengths are padded to a multiple of this (sequence parallelism, DCP)."""
+        return math.lcm(*(max(r.size("residual_seq"), r.size("cache_seq")) for r in self._all_rules()))
+
+    def rules_for_param(self, path: tuple) -> AxisRules:
+        """Which block's rules shard the parameter at `path` (an nnx state path)."""
+        if path[0] == "layers":
+            layer = self.layers[int(path[1])]
+            return layer.ffn if path[2] == "mlp" else layer.mixer
+        return self.head if path[0] == "lm_head" else self.embed
