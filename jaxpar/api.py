@@ -70,11 +70,26 @@ class _Checkpoint:
     gguf_file: str | None = None
 
 
-def _open_checkpoint(path_or_alias: str | Path) -> _Checkpoint:
+def _resolve_path(path_or_alias: str | Path) -> Path:
     if isinstance(path_or_alias, str) and path_or_alias in ALIASES:
-        path = ALIASES[path_or_alias]()
-    else:
-        path = Path(path_or_alias)
+        return ALIASES[path_or_alias]()
+    return Path(path_or_alias)
+
+
+def open_config(path_or_alias: str | Path) -> ModelConfig:
+    """The ModelConfig of a model folder, GGUF file or alias, without touching weights."""
+    path = _resolve_path(path_or_alias)
+    if path.is_file() and path.suffix == ".gguf":
+        return config_from_hf_dict(GGUFSource(path).hf_config())
+    if path.is_dir():
+        return load_config(path)
+    raise FileNotFoundError(
+        f"{path_or_alias} is neither a model folder, a .gguf file, nor an alias "
+        f"({', '.join(sorted(ALIASES))})")
+
+
+def _open_checkpoint(path_or_alias: str | Path) -> _Checkpoint:
+    path = _resolve_path(path_or_alias)
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
         return _Checkpoint(config_from_hf_dict(source.hf_config()), source, path.parent, path.name)

@@ -1,10 +1,11 @@
-"""`jaxpar` command line: generate (more subcommands register in `build_parser`)."""
+"""`jaxpar` command line: generate, plan."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -23,14 +24,46 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--policy", default=None,
+                   help="sharding rule table: a preset (tp, tpa-dcp, dp-attention, sp, ep, "
+                        "gdn-replicated) or a YAML file; default: one device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_generate)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="show what a sharding policy does to a model (no weights loaded)")
+    p.add_argument("model", help="HF model folder, .gguf file or alias (only its config is read)")
+    p.add_argument("--policy", default="tp", help="preset name or YAML rule table (default: tp)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128, help="prompt length for the prefill step")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--devices", type=int, default=None,
+                   help="use the first N devices (default: all for the policy)")
+    p.add_argument("--no-collectives", action="store_true", help="skip compiling the steps")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    import jax
+
+    from jaxpar.sharding.inspect import plan
+
+    devices = jax.devices()[: args.devices] if args.devices else None
+    report = plan(args.model, args.policy, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                  devices=devices, collectives=not args.no_collectives)
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+    return 0
 
 
 def _generate(args) -> int:
     import jaxpar
 
-    model = jaxpar.load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+    model = jaxpar.load(args.model, dtype=args.dtype, policy=args.policy,
+                        progress=sys.stderr.isatty())
     single = len(args.prompt) == 1 and not args.json
     stream = (lambda row, text: print(text, end="", flush=True)) if single else None
     result = model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
@@ -54,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -61,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # config, checkpoint, rule-table, input errors
         print(f"jaxpar: error: {e}", file=sys.stderr)
         return 2
 

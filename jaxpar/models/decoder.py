@@ -107,15 +107,23 @@ class CausalLM(nnx.Module):
         return logits, Cache(layers=tuple(new_layers), lengths=new_lengths)
 
 
-def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
-               dtype) -> Cache:
-    """An empty cache, created directly in its sharded layout."""
+def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
+                 dtype) -> Cache:
+    """The cache's abstract layout: ShapeDtypeStructs carrying their shardings."""
     layers = []
     for i, kind in enumerate(cfg.layer_types):
         if kind != ATTENTION:
             raise NotImplementedError(kind)
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         s = sharding.layers[i].mixer.sharding(KVCache.LOGICAL_AXES)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=s)
-        layers.append(KVCache(k=zeros(), v=zeros()))
-    return Cache(layers=tuple(layers), lengths=jnp.zeros((batch,), jnp.int32))
+        kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype, sharding=s)
+        layers.append(KVCache(k=kv, v=kv))
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32,
+                                   sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return Cache(layers=tuple(layers), lengths=lengths)
+
+
+def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
+               dtype) -> Cache:
+    """An empty cache, allocated directly in its sharded layout."""
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                        cache_shapes(cfg, sharding, batch, max_len, dtype))

@@ -1,0 +1,181 @@
+"""`jaxpar plan`: what a policy does to a model, computed without loading any weight.
+
+Per block: the plan and the rule that chose it; per parameter: its PartitionSpec and
+bytes per device; the KV-cache bytes per device; and the collectives (count and bytes by
+kind) of one prefill and one decode step, read from the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpar.config import ModelConfig
+from jaxpar.models.decoder import CausalLM, cache_shapes
+from jaxpar.models.options import RuntimeOptions
+from jaxpar.sharding.model_sharding import ModelSharding
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+                "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2}
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64|u64|s16|u16)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+@dataclasses.dataclass
+class ParamReport:
+    path: str
+    shape: tuple[int, ...]
+    spec: str
+    bytes_total: int
+    bytes_per_device: int
+
+
+@dataclasses.dataclass
+class BlockReport:
+    block: str
+    kind: str
+    layer: int | None
+    rule: int | None
+    plan: str
+
+
+@dataclasses.dataclass
+class CollectiveStats:
+    count: int = 0
+    bytes: int = 0
+
+
+@dataclasses.dataclass
+class PlanReport:
+    policy: str
+    mesh: dict[str, int]
+    batch: int
+    seq: int
+    blocks: list[BlockReport]
+    params: list[ParamReport]
+    param_bytes_per_device: int
+    cache_bytes_per_device: int
+    prefill_collectives: dict[str, CollectiveStats]
+    decode_collectives: dict[str, CollectiveStats]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        lines = [f"policy {self.policy} on mesh {self.mesh} (batch {self.batch}, seq {self.seq})", "",
+                 f"{'block':40s} {'kind':17s} {'rule':>5s}  plan"]
+        for b in self.blocks:
+            lines.append(f"{b.block:40s} {b.kind:17s} {('-' if b.rule is None else b.rule):>5}  {b.plan}")
+        lines += ["", f"{'parameter':52s} {'shape':>18s} {'spec':34s} {'bytes/device':>13s}"]
+        for p in self.params:
+            lines.append(f"{p.path:52s} {str(p.shape):>18s} {p.spec:34s} {p.bytes_per_device:>13,d}")
+        lines += ["", f"parameters per device: {self.param_bytes_per_device:,d} bytes",
+                  f"KV cache per device:   {self.cache_bytes_per_device:,d} bytes"]
+        for name, stats in (("prefill", self.prefill_collectives), ("decode", self.decode_collectives)):
+            summary = ", ".join(f"{k} x{v.count} ({v.bytes:,d} B)" for k, v in sorted(stats.items())) or "none"
+            lines.append(f"collectives per {name} step: {summary}")
+        return "\n".join(lines)
+
+
+def _bytes_per_device(aval: jax.ShapeDtypeStruct) -> int:
+    shard = aval.sharding.shard_shape(aval.shape)
+    return int(np.prod(shard, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize
+
+
+def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
+    """Counts collectives in compiled HLO text, with the bytes of their results."""
+    stats: dict[str, CollectiveStats] = collections.defaultdict(CollectiveStats)
+    for line in hlo_text.splitlines():
+        m = _OP.search(line)
+        if not m or "-done" in line.split("=")[0]:
+            continue
+        result = line.split("=", 1)[1].split(m.group(1), 1)[0]
+        nbytes = sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+                     for d, dims in _SHAPE.findall(result))
+        s = stats[m.group(1)]
+        s.count += 1
+        s.bytes += nbytes
+    return dict(stats)
+
+
+def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
+                   options: RuntimeOptions = RuntimeOptions()):
+    """(graphdef, state of ShapeDtypeStructs carrying their shardings) — nothing allocated."""
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype, sharding, options))
+    graphdef, state = nnx.split(abstract)
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        named = sharding.rules_for_param(path).sharding(var.logical_axes)
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=named))
+    return graphdef, state
+
+
+def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: int, seq: int,
+                     options: RuntimeOptions = RuntimeOptions()):
+    """Compiles one prefill (`seq` tokens) and one decode step; returns their collectives."""
+    from jaxpar.generate import _decode, _prefill
+
+    graphdef, state = abstract_model(cfg, sharding, dtype, options)
+    # Room for the prefill plus one decoded token, kept a multiple of the DCP / SP degree.
+    cache = cache_shapes(cfg, sharding, batch, seq + sharding.seq_multiple, dtype)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+    def arr(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    sampling = (arr((), jnp.float32), arr((), jnp.int32), arr((), jnp.float32))
+    mode = (True, False)
+    prefill = jax.jit(functools.partial(_prefill, mode=mode), static_argnums=0)
+    decode = jax.jit(functools.partial(_decode, mode=mode), static_argnums=0)
+    pre_hlo = prefill.lower(graphdef, state, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
+                            cache, key, *sampling).compile().as_text()
+    dec_hlo = decode.lower(graphdef, state, arr((batch,), jnp.int32), cache, key,
+                           *sampling).compile().as_text()
+    return collective_stats(pre_hlo), collective_stats(dec_hlo)
+
+
+def plan_report(cfg: ModelConfig, sharding: ModelSharding, *, batch: int = 1, seq: int = 128,
+                dtype=jnp.bfloat16, collectives: bool = True) -> PlanReport:
+    seq = -(-seq // sharding.seq_multiple) * sharding.seq_multiple
+    batch = -(-batch // sharding.batch_multiple) * sharding.batch_multiple
+    _, state = abstract_model(cfg, sharding, dtype)
+    params = []
+    for path, var in nnx.to_flat_state(state):
+        aval = var.get_value()
+        params.append(ParamReport(path="/".join(map(str, path)), shape=tuple(aval.shape),
+                                  spec=str(tuple(aval.sharding.spec)),
+                                  bytes_total=int(np.prod(aval.shape, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize,
+                                  bytes_per_device=_bytes_per_device(aval)))
+    cache = cache_shapes(cfg, sharding, batch, seq, dtype)
+    cache_bytes = sum(_bytes_per_device(a) for a in jax.tree.leaves(cache))
+    blocks = [BlockReport(p.block, p.kind, p.layer, p.rule, p.describe()) for p in sharding.plans]
+    pre, dec = step_collectives(cfg, sharding, dtype, batch, seq) if collectives else ({}, {})
+    return PlanReport(policy=sharding.table_name, mesh=dict(sharding.mesh.shape), batch=batch, seq=seq,
+                      blocks=blocks, params=params,
+                      param_bytes_per_device=sum(p.bytes_per_device for p in params),
+                      cache_bytes_per_device=cache_bytes, prefill_collectives=pre,
+                      decode_collectives=dec)
+
+
+def plan(model: str | Path, policy=None, *, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",
+         devices: Sequence[jax.Device] | None = None, collectives: bool = True) -> PlanReport:
+    """`jaxpar plan` as a function: reads only the model's config, never its weights."""
+    from jaxpar.api import make_sharding, open_config, resolve_dtype
+
+    cfg = open_config(model)
+    sharding = make_sharding(cfg, policy, devices=devices)
+    return plan_report(cfg, sharding, batch=batch, seq=seq, dtype=resolve_dtype(dtype, cfg),
+                       collectives=collectives)
