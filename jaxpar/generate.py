@@ -15,6 +15,7 @@ from flax import nnx
 from jaxpar.models.cache import Cache
 from jaxpar.models.decoder import CausalLM, init_cache
 from jaxpar.sampling import SamplingParams, sample
+from jaxpar.sharding.host import replicated, to_host
 
 MIN_BUCKET = 16
 
@@ -51,20 +52,28 @@ class GenerationResult:
                 "decode_steps": self.decode_steps, "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
-def _prefill(graphdef, state, tokens, lengths, cache, key, temperature, top_k, top_p, *, mode):
+def _key(seed_step: jax.Array) -> jax.Array:
+    """[seed, step] -> the PRNG key of that step (built inside the program, so only plain
+    integers cross from the host)."""
+    return jax.random.fold_in(jax.random.key(seed_step[0]), seed_step[1])
+
+
+def _prefill(graphdef, state, tokens, lengths, cache, seed_step, temperature, top_k, top_p, *, mode):
     model: CausalLM = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     logits, cache = model(tokens, positions, cache, lengths, decode=False, last_only=True)
     greedy, filtered = mode
-    return sample(logits, key, temperature, top_k, top_p, greedy=greedy, filtered=filtered), cache
+    return sample(logits, _key(seed_step), temperature, top_k, top_p, greedy=greedy,
+                  filtered=filtered), cache
 
 
-def _decode(graphdef, state, tokens, cache: Cache, key, temperature, top_k, top_p, *, mode):
+def _decode(graphdef, state, tokens, cache: Cache, seed_step, temperature, top_k, top_p, *, mode):
     model: CausalLM = nnx.merge(graphdef, state)
     positions = cache.lengths[:, None]
     logits, cache = model(tokens[:, None], positions, cache, cache.lengths, decode=True, last_only=True)
     greedy, filtered = mode
-    return sample(logits, key, temperature, top_k, top_p, greedy=greedy, filtered=filtered), cache
+    return sample(logits, _key(seed_step), temperature, top_k, top_p, greedy=greedy,
+                  filtered=filtered), cache
 
 
 class Generator:
@@ -122,14 +131,18 @@ class Generator:
         lengths = np.array([len(p) for p in padded], np.int32)
 
         prefill, decode = self._programs(sampling.mode())
-        params = sampling.arrays()
-        key = jax.random.key(sampling.seed)
+        mesh = self.sharding.mesh
+        params = [replicated(a, mesh) for a in sampling.arrays()]
+
+        def seed_step(step: int) -> jax.Array:
+            return replicated(np.array([sampling.seed, step], np.int32), mesh)
+
         cache = init_cache(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
 
         t0 = time.perf_counter()
-        next_tok, cache = prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                  cache, jax.random.fold_in(key, 0), *params)
-        first = np.asarray(next_tok)
+        next_tok, cache = prefill(self.graphdef, self.state, replicated(tokens, mesh),
+                                  replicated(lengths, mesh), cache, seed_step(0), *params)
+        first = to_host(next_tok)
         t1 = time.perf_counter()
 
         out: list[list[int]] = [[] for _ in range(batch)]
@@ -162,8 +175,8 @@ class Generator:
         while not all(done):
             steps += 1
             current, cache = decode(self.graphdef, self.state, current, cache,
-                                    jax.random.fold_in(key, steps), *params)
-            host = np.asarray(current)
+                                    seed_step(steps), *params)
+            host = to_host(current)
             for row in range(batch):
                 if not done[row]:
                     accept(row, int(host[row]))

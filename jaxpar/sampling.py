@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +36,10 @@ class SamplingParams:
         """The static part: which program to compile."""
         return self.greedy, self.filtered
 
-    def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The traced part: changing these values does not recompile."""
-        return (jnp.float32(max(self.temperature, 1e-6)), jnp.int32(self.top_k),
-                jnp.float32(self.top_p))
+        return (np.float32(max(self.temperature, 1e-6)), np.int32(self.top_k),
+                np.float32(self.top_p))
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,

@@ -134,15 +134,14 @@ def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: in
     def arr(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
 
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    seed_step = arr((2,), jnp.int32)
     sampling = (arr((), jnp.float32), arr((), jnp.int32), arr((), jnp.float32))
     mode = (True, False)
     prefill = jax.jit(functools.partial(_prefill, mode=mode), static_argnums=0)
     decode = jax.jit(functools.partial(_decode, mode=mode), static_argnums=0)
     pre_hlo = prefill.lower(graphdef, state, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
-                            cache, key, *sampling).compile().as_text()
-    dec_hlo = decode.lower(graphdef, state, arr((batch,), jnp.int32), cache, key,
+                            cache, seed_step, *sampling).compile().as_text()
+    dec_hlo = decode.lower(graphdef, state, arr((batch,), jnp.int32), cache, seed_step,
                            *sampling).compile().as_text()
     return collective_stats(pre_hlo), collective_stats(dec_hlo)
 
