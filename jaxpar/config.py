@@ -66,6 +66,8 @@ class ModelConfig:
     checkpoint_dtype: str = "float32"
     # Prefix of the text model's weights inside the checkpoint ("model." for CausalLM folders).
     weight_prefix: str = "model."
+    # Checkpoint tensors deliberately not loaded (vision tower, multi-token prediction).
+    skipped_weight_prefixes: tuple[str, ...] = ()
 
     @property
     def attention_flavor(self) -> str:
@@ -78,7 +80,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         d["rope"] = RopeConfig(**d["rope"])
-        for key in ("layer_types", "mlp_types", "eos_token_ids"):
+        for key in ("layer_types", "mlp_types", "eos_token_ids", "skipped_weight_prefixes"):
             d[key] = tuple(d[key])
         return cls(**d)
 

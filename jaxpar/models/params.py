@@ -8,22 +8,12 @@ component knows about meshes or files.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
-
-@dataclasses.dataclass(frozen=True)
-class HFLayout:
-    """Our array = reshape(transpose(hf_tensor, perm), our_shape).
-
-    `perm` is None for no transpose. The reshape may only split HF dims into consecutive
-    dims of ours (e.g. q_proj's `[heads*head_dim, hidden]` -> `[hidden, heads, head_dim]`).
-    """
-
-    perm: tuple[int, ...] | None = None
+from jaxpar.loading.layouts import HFLayout
 
 
 # HF Linear weights are [out, in]; ours are [in, ...out] (x @ w).
