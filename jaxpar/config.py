@@ -68,10 +68,27 @@ class ModelConfig:
     weight_prefix: str = "model."
     # Checkpoint tensors deliberately not loaded (vision tower, multi-token prediction).
     skipped_weight_prefixes: tuple[str, ...] = ()
+    # Gated attention (Qwen3-Next / 3.5): q_proj also yields a per-head output gate.
+    attn_output_gate: bool = False
+    # Gated DeltaNet (linear attention) mixers.
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 4
+    # "grouped" (Qwen3-Next: in_proj_qkvz / in_proj_ba grouped per key head) or
+    # "split" (Qwen3.5: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a).
+    linear_projection_layout: str = ""
+    # Mixture of experts.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
 
     @property
     def attention_flavor(self) -> str:
-        return "gqa"
+        return "gated" if self.attn_output_gate else "gqa"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,11 +189,90 @@ def _qwen3(hf: dict[str, Any]) -> dict[str, Any]:
     return {**_dense_common(hf), "qkv_bias": bias, "o_bias": bias, "qk_norm": True}
 
 
+def _moe_fields(hf: dict[str, Any], *, norm_topk_default: bool) -> dict[str, Any]:
+    # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts.
+    hf = {**hf, "num_experts": hf.get("num_experts") or hf.get("num_local_experts")}
+    _require(hf, "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+    return dict(num_experts=int(hf["num_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", norm_topk_default)))
+
+
+def _sparse_mlp_types(hf: dict[str, Any], n_layers: int) -> tuple[str, ...]:
+    """HF's rule: MoE where the layer is not in mlp_only_layers and (i + 1) % step == 0."""
+    only = set(hf.get("mlp_only_layers") or [])
+    step = int(hf.get("decoder_sparse_step") or 1)
+    return tuple(MOE if i not in only and (i + 1) % step == 0 else MLP for i in range(n_layers))
+
+
+def _qwen3_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    hf = {**hf, "intermediate_size": hf.get("intermediate_size") or hf.get("moe_intermediate_size")}
+    out = {**_qwen3(hf), **_moe_fields(hf, norm_topk_default=False)}
+    out["mlp_types"] = _sparse_mlp_types(hf, out["num_layers"])
+    return out
+
+
+def _hybrid_layer_types(hf: dict[str, Any], n_layers: int) -> tuple[str, ...]:
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        interval = int(hf.get("full_attention_interval") or 4)
+        kinds = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+    names = {"full_attention": ATTENTION, "attention": ATTENTION, "linear_attention": LINEAR_ATTENTION}
+    bad = sorted({k for k in kinds if k not in names})
+    if bad or len(kinds) != n_layers:
+        raise ConfigError(f"layer_types must list {n_layers} of full_attention / linear_attention, got {kinds}")
+    return tuple(names[k] for k in kinds)
+
+
+def _qwen3_hybrid(hf: dict[str, Any], *, layout: str, moe: bool) -> dict[str, Any]:
+    """Qwen3-Next and Qwen3.5: Gated DeltaNet + gated attention, zero-centred norms."""
+    hf = {**hf, "intermediate_size": hf.get("intermediate_size") or hf.get("moe_intermediate_size")}
+    _require(hf, "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+             "linear_value_head_dim")
+    out = _dense_common(hf)
+    out.update(qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
+               qk_norm=True, zero_centred_norm=True, attn_output_gate=True,
+               layer_types=_hybrid_layer_types(hf, out["num_layers"]),
+               linear_num_key_heads=int(hf["linear_num_key_heads"]),
+               linear_num_value_heads=int(hf["linear_num_value_heads"]),
+               linear_key_head_dim=int(hf["linear_key_head_dim"]),
+               linear_value_head_dim=int(hf["linear_value_head_dim"]),
+               linear_conv_kernel=int(hf.get("linear_conv_kernel_dim", 4)),
+               linear_projection_layout=layout)
+    if moe:
+        out.update(_moe_fields(hf, norm_topk_default=True))
+        out["mlp_types"] = _sparse_mlp_types(hf, out["num_layers"])
+    return out
+
+
+def _qwen3_5_conditional(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3.5 image-text folders: the text model's config under text_config, its weights
+    under model.language_model.*; the vision tower and MTP head are skipped."""
+    text = dict(hf.get("text_config") or {})
+    if not text:
+        raise ConfigError(f"model_type {hf.get('model_type')!r} config has no text_config")
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    for key in ("bos_token_id", "eos_token_id", "torch_dtype", "dtype"):
+        if text.get(key) is None and hf.get(key) is not None:
+            text[key] = hf[key]
+    inner = text.get("model_type") or ("qwen3_5_moe_text" if hf["model_type"] == "qwen3_5_moe" else "qwen3_5_text")
+    out = FAMILIES[inner]({**text, "model_type": inner})
+    out.update(weight_prefix="model.language_model.", skipped_weight_prefixes=("model.visual.", "mtp."))
+    return out
+
+
 # model_type -> normaliser. Later families register here and nowhere else.
 FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "llama": _llama,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "qwen3_moe": _qwen3_moe,
+    "qwen3_next": lambda hf: _qwen3_hybrid(hf, layout="grouped", moe=True),
+    "qwen3_5_text": lambda hf: _qwen3_hybrid(hf, layout="split", moe=False),
+    "qwen3_5_moe_text": lambda hf: _qwen3_hybrid(hf, layout="split", moe=True),
+    "qwen3_5": _qwen3_5_conditional,
+    "qwen3_5_moe": _qwen3_5_conditional,
 }
 
 
@@ -209,6 +305,11 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 
 def _validate(cfg: ModelConfig) -> None:
+    if LINEAR_ATTENTION in cfg.layer_types and cfg.linear_num_value_heads % max(cfg.linear_num_key_heads, 1):
+        raise ConfigError(f"linear_num_value_heads={cfg.linear_num_value_heads} is not a multiple of "
+                          f"linear_num_key_heads={cfg.linear_num_key_heads}")
+    if MOE in cfg.mlp_types and not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+        raise ConfigError(f"num_experts_per_tok={cfg.num_experts_per_tok} must be in 1..num_experts={cfg.num_experts}")
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConfigError(
             f"num_attention_heads={cfg.num_heads} is not a multiple of "
