@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from jaxpar.config import ModelConfig, config_from_hf_dict, load_config
 from jaxpar.generate import GenerationResult, Generator
 from jaxpar.loading.gguf_source import GGUFSource
-from jaxpar.loading.loader import load_params
+from jaxpar.loading.loader import load_params, skipped_tensors
 from jaxpar.loading.sources import CheckpointError, SafetensorsSource, TensorSource
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import KernelImpl, RuntimeOptions
@@ -116,8 +117,11 @@ def _stop_ids(cfg: ModelConfig, tokenizer, model_dir: Path) -> set[int]:
 class LoadedModel:
     """A model with its weights placed on a mesh, its tokenizer and compiled programs."""
 
-    def __init__(self, module: CausalLM, tokenizer, dtype, stop_ids: set[int]):
+    def __init__(self, module: CausalLM, tokenizer, dtype, stop_ids: set[int],
+                 skipped_weights: Sequence[str] = ()):
         self.module = module
+        # Checkpoint tensors deliberately not loaded (e.g. a vision tower, an MTP head).
+        self.skipped_weights = list(skipped_weights)
         self.cfg: ModelConfig = module.cfg
         self.sharding: ModelSharding = module.sharding
         self.tokenizer = tokenizer
@@ -166,7 +170,7 @@ class LoadedModel:
                 model = nnx.merge(graphdef, state)
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
                 lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-                return model(tokens, positions, None, lengths, decode=False, last_only=False)[0]
+                return model(tokens, positions, None, lengths, mode="prefill")[0]
             self._forward = jax.jit(forward, static_argnums=0)
         g = self._generator
         return np.asarray(self._forward(g.graphdef, g.state, tokens))
@@ -220,7 +224,13 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     state = load_params(state, cfg, ckpt.source, sharding, jdtype, progress=bar)
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file) if tokenizer else None
-    return LoadedModel(module, tok, jdtype, _stop_ids(cfg, tok, ckpt.tokenizer_dir))
+    skipped = skipped_tensors(cfg, ckpt.source)
+    if skipped:
+        groups = sorted({n.split(".")[0] + "." + n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
+                         for n in skipped})
+        logging.getLogger("jaxpar").warning("not loaded: %d tensors under %s (text model only)",
+                                            len(skipped), ", ".join(groups))
+    return LoadedModel(module, tok, jdtype, _stop_ids(cfg, tok, ckpt.tokenizer_dir), skipped)
 
 
 def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64,

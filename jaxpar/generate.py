@@ -58,56 +58,86 @@ def _key(seed_step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed_step[0]), seed_step[1])
 
 
-def _prefill(graphdef, state, tokens, lengths, cache, seed_step, temperature, top_k, top_p, *, mode):
+def _sample(logits, seed_step, temperature, top_k, top_p, mode):
+    # mode None: greedy / filtered decided at run time; (greedy, filtered): fixed statically.
+    greedy, filtered = mode if mode is not None else (None, None)
+    return sample(logits, _key(seed_step), temperature, top_k, top_p, greedy=greedy,
+                  filtered=filtered)
+
+
+def _prefill_logits(graphdef, state, tokens, lengths, cache):
     model: CausalLM = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, cache = model(tokens, positions, cache, lengths, decode=False, last_only=True)
-    greedy, filtered = mode
-    return sample(logits, _key(seed_step), temperature, top_k, top_p, greedy=greedy,
-                  filtered=filtered), cache
+    return model(tokens, positions, cache, lengths, mode="prefill", last_only=True)
 
 
-def _decode(graphdef, state, tokens, cache: Cache, seed_step, temperature, top_k, top_p, *, mode):
+def _decode_logits(graphdef, state, tokens, cache: Cache):
     model: CausalLM = nnx.merge(graphdef, state)
     positions = cache.lengths[:, None]
-    logits, cache = model(tokens[:, None], positions, cache, cache.lengths, decode=True, last_only=True)
-    greedy, filtered = mode
-    return sample(logits, _key(seed_step), temperature, top_k, top_p, greedy=greedy,
-                  filtered=filtered), cache
+    return model(tokens[:, None], positions, cache, jnp.ones_like(cache.lengths),
+                 mode="decode", last_only=True)
+
+
+def _prefill(graphdef, state, tokens, lengths, cache, seed_step, temperature, top_k, top_p, *,
+             mode=None):
+    """One program: prefill and sampling (`mode` as in `_sample`)."""
+    logits, cache = _prefill_logits(graphdef, state, tokens, lengths, cache)
+    return _sample(logits, seed_step, temperature, top_k, top_p, mode), cache
+
+
+def _decode(graphdef, state, tokens, cache: Cache, seed_step, temperature, top_k, top_p, *,
+            mode=None):
+    """One program: a decode step and sampling (`mode` as in `_sample`)."""
+    logits, cache = _decode_logits(graphdef, state, tokens, cache)
+    return _sample(logits, seed_step, temperature, top_k, top_p, mode), cache
+
+
+def _with_argmax(step):
+    def run(*args):
+        logits, cache = step(*args)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
+    return run
 
 
 class Generator:
-    """Compiled prefill and decode programs for one model (cached per sampling mode)."""
+    """Compiled prefill and decode programs for one model.
+
+    The model programs return the greedy tokens *and* the logits, so one compiled program
+    per (batch, length bucket) serves every sampling setting; temperature / top-k / top-p
+    sampling is a separate small program (compiled per batch size and mode, independent
+    of lengths). The graph definition is closed over rather than passed as a static
+    argument: hashing it on every call would cost milliseconds per decode step.
+    """
 
     def __init__(self, model: CausalLM, cache_dtype):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.sharding = model.sharding
         self.cache_dtype = cache_dtype
-        self._prefill = {}
-        self._decode = {}
-
-    def _programs(self, mode):
-        if mode not in self._prefill:
-            self._prefill[mode] = jax.jit(functools.partial(_prefill, mode=mode),
-                                          static_argnums=0, donate_argnums=4)
-            self._decode[mode] = jax.jit(functools.partial(_decode, mode=mode),
-                                         static_argnums=0, donate_argnums=3)
-        return self._prefill[mode], self._decode[mode]
+        self.prefill = jax.jit(_with_argmax(functools.partial(_prefill_logits, self.graphdef)),
+                               donate_argnums=3)
+        self.decode = jax.jit(_with_argmax(functools.partial(_decode_logits, self.graphdef)),
+                              donate_argnums=2)
+        self.sample = jax.jit(_sample, static_argnames="mode")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams, *, stop_ids: set[int],
                  detokenize: Callable[[list[int]], str] | None = None,
                  stop_strings: Sequence[str] = (),
                  stream: Callable[[int, str], None] | None = None) -> GenerationResult:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+                or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         if not prompts:
             raise ValueError("no prompts given")
         context = self.cfg.max_position_embeddings
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary "
+                                 f"[0, {self.cfg.vocab_size})")
             if len(p) > context:
                 raise ValueError(f"prompt {i} has {len(p)} tokens, longer than the model's context "
                                  f"of {context} tokens")
@@ -130,18 +160,29 @@ class Generator:
             tokens[i, : len(p)] = p
         lengths = np.array([len(p) for p in padded], np.int32)
 
-        prefill, decode = self._programs(sampling.mode())
         mesh = self.sharding.mesh
         params = [replicated(a, mesh) for a in sampling.arrays()]
 
         def seed_step(step: int) -> jax.Array:
             return replicated(np.array([sampling.seed, step], np.int32), mesh)
 
+        def choose(greedy_tokens, logits, step):
+            if sampling.greedy:
+                return greedy_tokens
+            return self.sample(logits, seed_step(step), *params, mode=sampling.mode())
+
+        def prefill(tokens, lengths, cache):
+            greedy_tokens, logits, cache = self.prefill(self.state, tokens, lengths, cache)
+            return choose(greedy_tokens, logits, 0), cache
+
+        def decode(tokens, cache, step):
+            greedy_tokens, logits, cache = self.decode(self.state, tokens, cache)
+            return choose(greedy_tokens, logits, step), cache
+
         cache = init_cache(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
 
         t0 = time.perf_counter()
-        next_tok, cache = prefill(self.graphdef, self.state, replicated(tokens, mesh),
-                                  replicated(lengths, mesh), cache, seed_step(0), *params)
+        next_tok, cache = prefill(replicated(tokens, mesh), replicated(lengths, mesh), cache)
         first = to_host(next_tok)
         t1 = time.perf_counter()
 
@@ -171,11 +212,17 @@ class Generator:
 
         for row in range(batch):
             accept(row, int(first[row]))
-        current = next_tok
+        # Step s+1 is dispatched before step s's tokens are read back, so the host's work
+        # (reading, stop checks, detokenising, the next dispatch) overlaps the device's.
+        # Only an EOS or a stop string can make that step unneeded; it is then dropped.
+        current, ahead = next_tok, None
         while not all(done):
             steps += 1
-            current, cache = decode(self.graphdef, self.state, current, cache,
-                                    seed_step(steps), *params)
+            if ahead is None:
+                ahead, cache = decode(current, cache, steps)
+            current, ahead = ahead, None
+            if max(len(out[r]) for r in range(batch) if not done[r]) + 1 < max_new_tokens:
+                ahead, cache = decode(current, cache, steps + 1)
             host = to_host(current)
             for row in range(batch):
                 if not done[row]:

@@ -7,6 +7,13 @@ from pathlib import Path
 import numpy as np
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
+HYBRID_FAMILIES = ("qwen3_5", "qwen3_next", "qwen3_moe", "qwen3_5_moe")
+
+_LINEAR = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
+               linear_value_head_dim=16, linear_conv_kernel_dim=4, head_dim=16,
+               layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+               num_hidden_layers=4)
+_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
@@ -24,6 +31,17 @@ def tiny_config(family: str, **overrides):
         return transformers.Qwen2Config(rope_theta=1e6, **kw)
     if family == "qwen3":
         return transformers.Qwen3Config(head_dim=16, rope_theta=1e6, **kw)
+    rope = {"rope_theta": 1e6, "partial_rotary_factor": 0.25, "rope_type": "default"}
+    if family == "qwen3_5":
+        return transformers.Qwen3_5TextConfig(rope_parameters=rope, **{**kw, **_LINEAR, **overrides})
+    if family == "qwen3_next":
+        return transformers.Qwen3NextConfig(rope_parameters=rope, shared_expert_intermediate_size=32,
+                                            **{**kw, **_LINEAR, **_MOE, **overrides})
+    if family == "qwen3_5_moe":
+        return transformers.Qwen3_5MoeTextConfig(rope_parameters=rope, shared_expert_intermediate_size=32,
+                                                 **{**kw, **_LINEAR, **_MOE, **overrides})
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(head_dim=16, rope_theta=1e6, **{**kw, **_MOE, **overrides})
     raise ValueError(family)
 
 

@@ -45,13 +45,13 @@ def _prefill_then_decode_logits(model, ids, prompt_len):
     def prefill(state, tokens, lengths, cache):
         m = nnx.merge(g.graphdef, state)
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return m(tokens, pos, cache, lengths, decode=False, last_only=True)
+        return m(tokens, pos, cache, lengths, mode="prefill", last_only=True)
 
     @jax.jit
     def decode(state, tokens, cache):
         m = nnx.merge(g.graphdef, state)
-        return m(tokens[:, None], cache.lengths[:, None], cache, cache.lengths, decode=True,
-                 last_only=True)
+        return m(tokens[:, None], cache.lengths[:, None], cache, jnp.ones_like(cache.lengths),
+                 mode="decode", last_only=True)
 
     cache = init_cache(model.cfg, model.sharding, batch, 32, model.dtype)
     padded = np.zeros((batch, 16), np.int32)

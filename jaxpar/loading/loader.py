@@ -76,6 +76,13 @@ def load_params(state: nnx.State, cfg: ModelConfig, source: TensorSource, shardi
     return state
 
 
+def skipped_tensors(cfg: ModelConfig, source: TensorSource) -> list[str]:
+    """Checkpoint tensors the config says not to load (vision tower, MTP head)."""
+    if not cfg.skipped_weight_prefixes:
+        return []
+    return [n for n in source.names() if n.startswith(cfg.skipped_weight_prefixes)]
+
+
 def _tied_duplicate(cfg: ModelConfig, name: str) -> bool:
     return cfg.tie_word_embeddings and name == "lm_head.weight"
 

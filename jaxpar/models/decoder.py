@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.config import ATTENTION, MLP as MLP_KIND, ModelConfig
+from jaxpar.config import ATTENTION, LINEAR_ATTENTION, MLP as MLP_KIND, MOE, ModelConfig
 from jaxpar.models.attention import Attention
 from jaxpar.models.cache import Cache, KVCache
+from jaxpar.models.gdn import GatedDeltaNet, gdn_cache_shapes
 from jaxpar.models.mlp import MLP
 from jaxpar.models.norms import RMSNorm
 from jaxpar.models.options import RuntimeOptions
@@ -19,6 +20,7 @@ from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding
 # split when the block's plan asks for sequence parallelism (prefill only: T = 1 at decode).
 PREFILL_RESIDUAL = ("residual_batch", "residual_seq", "embed")
 DECODE_RESIDUAL = ("residual_batch", None, "embed")
+MODES = ("prefill", "extend", "decode")
 
 
 class Embedding(nnx.Module):
@@ -34,26 +36,51 @@ class LMHead(nnx.Module):
         self.weight = param((hidden, vocab), ("embed", "vocab"), dtype, LINEAR)
 
 
+def _mixer(cfg: ModelConfig, index: int, dtype, rules, options):
+    if cfg.layer_types[index] == ATTENTION:
+        return Attention(cfg, dtype, rules, options)
+    if cfg.layer_types[index] == LINEAR_ATTENTION:
+        return GatedDeltaNet(cfg, dtype, rules, options)
+    raise ValueError(f"layer {index}: unknown mixer kind {cfg.layer_types[index]!r}")
+
+
+def _ffn(cfg: ModelConfig, index: int, dtype, rules):
+    if cfg.mlp_types[index] == MLP_KIND:
+        return MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rules, bias=cfg.mlp_bias)
+    if cfg.mlp_types[index] == MOE:
+        from jaxpar.models.moe import SparseMoE
+
+        return SparseMoE(cfg, dtype, rules)
+    raise ValueError(f"layer {index}: unknown feed-forward kind {cfg.mlp_types[index]!r}")
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, index: int, dtype, sharding: LayerSharding,
                  options: RuntimeOptions):
-        kind, ffn_kind = cfg.layer_types[index], cfg.mlp_types[index]
-        if kind != ATTENTION or ffn_kind != MLP_KIND:
-            raise NotImplementedError(f"layer {index}: {kind}/{ffn_kind} blocks are not built yet")
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, zero_centred=cfg.zero_centred_norm)
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, dtype, sharding.mixer, options)
+        # Attribute names follow HF so parameter paths are the checkpoint's names.
+        mixer = _mixer(cfg, index, dtype, sharding.mixer, options)
+        self.is_attention = cfg.layer_types[index] == ATTENTION
+        if self.is_attention:
+            self.self_attn = mixer
+        else:
+            self.linear_attn = mixer
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, sharding.ffn, bias=cfg.mlp_bias)
+        self.mlp = _ffn(cfg, index, dtype, sharding.ffn)
         self.sharding = sharding
 
-    def __call__(self, x, positions, cache, lengths, *, decode: bool):
-        residual = DECODE_RESIDUAL if decode else PREFILL_RESIDUAL
+    def __call__(self, x, positions, cache, lengths, *, mode: str):
+        residual = DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL
         mixer, ffn = self.sharding.mixer, self.sharding.ffn
         with jax.named_scope(f"layer_{self.index}"):
             x = mixer.constrain(x, residual)
-            h, cache = self.self_attn(self.input_layernorm(x), positions, cache, lengths, decode=decode)
+            h = self.input_layernorm(x)
+            if self.is_attention:
+                h, cache = self.self_attn(h, positions, cache, lengths, mode=mode)
+            else:
+                h, cache = self.linear_attn(h, cache, lengths, mode=mode)
             x = mixer.constrain(x + h, residual)
             x = ffn.constrain(x, residual)
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -82,48 +109,55 @@ class CausalLM(nnx.Module):
         return self.sharding.head.constrain(logits, ("residual_batch",) + (None,) * (h.ndim - 2) + ("vocab",))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None,
-                 lengths: jax.Array, *, decode: bool, last_only: bool):
-        """tokens, positions: [B, T]. Returns (logits, new cache).
+                 lengths: jax.Array, *, mode: str = "prefill", last_only: bool = False):
+        """tokens, positions: [B, T]; `lengths` [B]: valid (right-padded) tokens per row.
 
-        Prefill: `lengths` = valid tokens per row; decode: T == 1 and `lengths` = tokens
-        already cached. `last_only` returns logits of each row's last valid token [B, V]
-        instead of all positions [B, T, V] (the lm_head is the largest matmul of a step).
+        mode "prefill" starts sequences (cache empty or None), "extend" continues the
+        cached ones (chunked prefill, positions = cache.lengths + t), "decode" feeds one
+        token (T == 1). Returns (logits, new cache). `last_only` returns logits of each
+        row's last valid token [B, V] instead of all positions [B, T, V].
         """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         x = self.embed_tokens(tokens)
-        x = self.sharding.embed.constrain(x, DECODE_RESIDUAL if decode else PREFILL_RESIDUAL)
+        x = self.sharding.embed.constrain(x, DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache = layer(x, positions, layer_cache, lengths, decode=decode)
+            x, layer_cache = layer(x, positions, layer_cache, lengths, mode=mode)
             new_layers.append(layer_cache)
-        if last_only and not decode:
-            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
         if last_only:
-            x = x[:, 0]
+            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         logits = self.logits(self.norm(x))
         if cache is None:
             return logits, None
-        new_lengths = cache.lengths + (1 if decode else lengths)
-        return logits, Cache(layers=tuple(new_layers), lengths=new_lengths)
+        return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + lengths)
 
 
 def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
-                 dtype) -> Cache:
-    """The cache's abstract layout: ShapeDtypeStructs carrying their shardings."""
+                 dtype, state_dtype=jnp.float32) -> Cache:
+    """The cache's abstract layout: ShapeDtypeStructs carrying their shardings. Attention
+    layers get a KV cache of `max_len` slots; GDN layers their conv and recurrent states
+    (recurrent state in `state_dtype`, float32 by default)."""
     layers = []
     for i, kind in enumerate(cfg.layer_types):
-        if kind != ATTENTION:
-            raise NotImplementedError(kind)
-        s = sharding.layers[i].mixer.sharding(KVCache.LOGICAL_AXES)
-        kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype, sharding=s)
-        layers.append(KVCache(k=kv, v=kv))
+        rules = sharding.layers[i].mixer
+        if kind == ATTENTION:
+            kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype,
+                                      sharding=rules.sharding(KVCache.LOGICAL_AXES))
+            layers.append(KVCache(k=kv, v=kv))
+        else:
+            spec = gdn_cache_shapes(cfg, batch, dtype, state_dtype)
+            layers.append(jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s[0], s[1], sharding=rules.sharding(s[2])), spec,
+                is_leaf=lambda n: isinstance(n, tuple)))
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32,
                                    sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     return Cache(layers=tuple(layers), lengths=lengths)
 
 
 def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
-               dtype) -> Cache:
+               dtype, state_dtype=jnp.float32) -> Cache:
     """An empty cache, allocated directly in its sharded layout."""
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                        cache_shapes(cfg, sharding, batch, max_len, dtype))
+                        cache_shapes(cfg, sharding, batch, max_len, dtype, state_dtype))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpar.kernels_pallas import _tmp_dispatch as dispatch
+from jaxpar.kernels_pallas import dispatch
 from jaxpar.models.cache import KVCache
 from jaxpar.sharding.axis_rules import AxisRules
 
@@ -99,3 +99,60 @@ def write_prefill(rules: AxisRules, k: jax.Array, v: jax.Array, cache: KVCache) 
     kc, vc = jax.shard_map(local, mesh=rules.mesh, in_specs=(new_spec, new_spec, cache_spec, cache_spec),
                            out_specs=(cache_spec, cache_spec), check_vma=False)(k, v, cache.k, cache.v)
     return KVCache(k=kc, v=vc)
+
+
+def _attend_slots(q, k, v, q_pos, slot_pos, kv_valid, scale):
+    """Plain masked attention of T queries over cache slots, returning (o, lse) so DCP
+    ranks can merge. q [B, T, H, D]; k, v [B, S, H, D] (already one KV head per q head);
+    q_pos [B, T]; slot_pos [S]; kv_valid [B]. o float32 [B, T, H, D], lse [B, T, H]."""
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    ok = (slot_pos[None, None, :] <= q_pos[:, :, None]) & (slot_pos[None, None, :] < kv_valid[:, None, None])
+    s = jnp.where(ok[:, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, T]
+    p = jnp.where(ok[:, None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
+    return o, jnp.transpose(lse, (0, 2, 1))
+
+
+def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                     cache: KVCache, positions: jax.Array, lengths: jax.Array, *, num_heads: int,
+                     num_kv_heads: int, scale: float, impl: str) -> tuple[jax.Array, KVCache]:
+    """Chunked prefill: T new tokens at `positions` [B, T] continue a filled cache.
+    q [B, T, H, D]; k_new, v_new [B, T, KVH, D]; lengths [B] valid new tokens per row.
+    (Pure JAX under every impl: there is no dedicated kernel for this path.)"""
+    del impl
+    dcp_axes = rules.axes_for("cache_seq")
+    n_dcp = rules.size("cache_seq")
+
+    def local(q, k_new, v_new, kc, vc, positions, lengths):
+        rank = _index(dcp_axes)
+        rows = jnp.arange(q.shape[0])[:, None]
+        slot = positions // n_dcp
+        mine = (positions % n_dcp == rank)[..., None, None]
+        kc = kc.at[rows, slot].set(jnp.where(mine, k_new.astype(kc.dtype), kc[rows, slot]))
+        vc = vc.at[rows, slot].set(jnp.where(mine, v_new.astype(vc.dtype), vc[rows, slot]))
+        slot_pos = jnp.arange(kc.shape[1], dtype=jnp.int32) * n_dcp + rank
+        kk, vv = _kv_for_local_heads(rules, kc, vc, num_heads, num_kv_heads, q.shape[2])
+        if kk.shape[2] != q.shape[2]:  # local GQA: repeat each KV head over its q heads
+            kk, vv = (jnp.repeat(a, q.shape[2] // a.shape[2], axis=2) for a in (kk, vv))
+        kv_valid = positions[:, 0] + lengths
+        o, lse = _attend_slots(q, kk, vv, positions, slot_pos, kv_valid, scale)
+        if n_dcp > 1:
+            m = jax.lax.pmax(lse, dcp_axes)
+            w = jnp.exp(lse - m)
+            o = jax.lax.psum(o * w[..., None], dcp_axes) / jax.lax.psum(w, dcp_axes)[..., None]
+        return o, kc, vc
+
+    if rules.mesh.size == 1:
+        o, kc, vc = local(q, k_new, v_new, cache.k, cache.v, positions, lengths)
+    else:
+        cache_spec = rules.spec(KVCache.LOGICAL_AXES)
+        q_spec = rules.spec(("batch", None, "q_heads", "head_dim"))
+        kv_spec = rules.spec(("batch", None, "kv_heads", "head_dim"))
+        row = rules.spec(("batch",))
+        o, kc, vc = jax.shard_map(
+            local, mesh=rules.mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, cache_spec, cache_spec, rules.spec(("batch", None)), row),
+            out_specs=(q_spec, cache_spec, cache_spec), check_vma=False,
+        )(q, k_new, v_new, cache.k, cache.v, positions, lengths)
+    return o, KVCache(k=kc, v=vc)

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.params import LINEAR, AS_IS, param
+from jaxpar.loading.layouts import HFLayout
+from jaxpar.models.params import AS_IS, LINEAR, param
 
 
 class Linear(nnx.Module):
@@ -20,9 +21,9 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: Sequence[int], out_features: Sequence[int],
                  in_axes: Sequence[str | None], out_axes: Sequence[str | None], dtype,
-                 *, bias: bool = False):
+                 *, bias: bool = False, hf_layout: HFLayout = LINEAR):
         self.n_in = len(in_features)
-        self.weight = param((*in_features, *out_features), (*in_axes, *out_axes), dtype, LINEAR)
+        self.weight = param((*in_features, *out_features), (*in_axes, *out_axes), dtype, hf_layout)
         self.bias = param(tuple(out_features), tuple(out_axes), dtype, AS_IS) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -28,6 +28,13 @@ ARCH_KINDS = {
     "llama": ("attention", "mlp", "embed", "lm_head", "norm"),
     "qwen2": ("attention", "mlp", "embed", "lm_head", "norm"),
     "qwen3": ("attention", "mlp", "embed", "lm_head", "norm"),
+    # MoE families ("mlp" too: mlp_only_layers / decoder_sparse_step give dense layers).
+    "qwen3_moe": ("attention", "mlp", "moe", "embed", "lm_head", "norm"),
+    "qwen3_next": ("attention", "linear_attention", "mlp", "moe", "embed", "lm_head", "norm"),
+    "qwen3_5_moe_text": ("attention", "linear_attention", "mlp", "moe", "embed", "lm_head", "norm"),
+    "qwen3_5_moe": ("attention", "linear_attention", "mlp", "moe", "embed", "lm_head", "norm"),
+    "qwen3_5_text": ("attention", "linear_attention", "mlp", "embed", "lm_head", "norm"),
+    "qwen3_5": ("attention", "linear_attention", "mlp", "embed", "lm_head", "norm"),
 }
 
 
@@ -109,6 +116,22 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
         if cfg.intermediate_size % t:
             raise RuleTableError(f"{where}: intermediate_size={cfg.intermediate_size} is not divisible by "
                                  f"tp_size={t} (jaxpar does not pad the MLP; choose a tp_size that divides it)")
+    elif block.kind == "linear_attention":
+        if cfg.linear_num_key_heads % t:
+            raise RuleTableError(f"{where}: tp_size={t} must divide linear_num_key_heads="
+                                 f"{cfg.linear_num_key_heads} (Gated DeltaNet is split by key-head "
+                                 "groups; use tp_size: 1 to replicate it)")
+    elif block.kind == "moe":
+        e = plan.ep_size
+        if cfg.num_experts % e:
+            raise RuleTableError(f"{where}: num_experts={cfg.num_experts} is not divisible by ep_size={e}")
+        if cfg.moe_intermediate_size % t:
+            raise RuleTableError(f"{where}: moe_intermediate_size={cfg.moe_intermediate_size} is not divisible "
+                                 f"by tp_size={t} (each expert's ffn is split tp_size ways)")
+        shared = cfg.shared_expert_intermediate_size
+        if shared and shared % t:
+            raise RuleTableError(f"{where}: shared_expert_intermediate_size={shared} is not divisible by "
+                                 f"tp_size={t} (the shared expert is a TP MLP)")
     elif block.kind in ("embed", "lm_head"):
         if cfg.vocab_size % t:
             raise RuleTableError(f"{where}: vocab_size={cfg.vocab_size} is not divisible by tp_size={t}")
@@ -172,7 +195,18 @@ def build_sharding(table: RuleTable, cfg: ModelConfig,
             r["q_heads"] = tp_axes
             r["kv_heads"] = _kv_axes(cfg.num_kv_heads, plan.tp_size, tp_axes, mesh)
             r["cache_seq"] = axes.get("dcp", ())
+        elif plan.kind == "linear_attention":
+            # Key heads and their value heads split together (GDN TP contract).
+            r["lin_k_heads"] = tp_axes
+            r["lin_v_heads"] = tp_axes
         elif plan.kind == "mlp":
+            r["ffn"] = tp_axes
+        elif plan.kind == "moe":
+            # Experts over the ep axes, each expert's ffn (and the shared expert's) over the tp
+            # axes. With no rule (ep_size 1, tp_size tp) the experts are replicated and TP runs
+            # inside every expert.
+            r["experts"] = axes.get("ep", ())
+            r["expert_ffn"] = tp_axes
             r["ffn"] = tp_axes
         elif plan.kind in ("embed", "lm_head"):
             r["vocab"] = tp_axes

@@ -1,0 +1,173 @@
+"""Sparse mixture-of-experts feed-forward block (Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE).
+
+    probs   = softmax(float32(x @ W_router))           # [N, experts]
+    w, idx  = top_k(probs, k)   (w /= sum(w) when norm_topk_prob; w cast to x's dtype)
+    y       = sum_j w_j * down_e(silu(gate_e(x)) * up_e(x)),  e = idx_j
+    y      += sigmoid(x @ w_shared_gate) * shared_mlp(x)     (Qwen3-Next / 3.5 only)
+
+Parallelism (the block's `AxisRules`): the stacked expert weights `[experts, ...]` are split
+over the plan's ep axes ("experts") and, when ep_size is smaller than the block's devices,
+each expert's ffn over the plan's tp axes ("expert_ffn"). The expert computation runs in
+`shard_map`: every rank sees all tokens of its batch shard (the router is replicated), computes
+its local experts' share of the output for them, and the partial outputs are summed over the
+ep and tp axes (one all-reduce of `[tokens, hidden]`, as a TP MLP has). Tokens are never
+exchanged (no all-to-all), so the result is exact and independent of how the batch is split.
+The router and the shared expert run outside `shard_map` as ordinary (TP) layers.
+
+Local computation, chosen per call from the (static) token count:
+- "dense": every local expert on every token, weighted by the combine weights (0 for experts
+  a token did not select — exact). Per rank: N * (E/ep) * 3*H*(I/tp) MACs and an
+  `[N, E/ep, I/tp]` intermediate; in all, E/k times the FLOPs of a sparse dispatch (e.g. 51x
+  for 512 experts, top-10), but it streams each local weight exactly once, so it is the
+  right choice while the step is weight-bandwidth bound (N * k >= E/ep).
+- "gather": for decode with few tokens (N * k < E/ep), gather the N*k selected experts'
+  weight slices (non-local selections read expert 0 with weight 0) and compute only those:
+  N*k slices read instead of all E/ep local experts.
+Long prefills would want a grouped (sorted, ragged) matmul instead of "dense"; not done here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.config import ModelConfig
+from jaxpar.loading.layouts import ExpertStack, HFLayout
+from jaxpar.models.linear import Linear
+from jaxpar.models.mlp import MLP
+from jaxpar.models.params import param
+from jaxpar.sharding.axis_rules import AxisRules
+
+# Ours: gate/up [experts, hidden, ffn], down [experts, ffn, hidden] (x @ w per expert).
+IN_AXES = ("experts", "embed", "expert_ffn")
+OUT_AXES = ("experts", "expert_ffn", "embed")
+IMPLS = ("auto", "dense", "gather")
+
+
+def _in_stack(kind: str, ffn: int) -> ExpertStack:
+    """gate_proj / up_proj: per-expert `experts.{e}.<kind>_proj.weight` [I, H], or rows
+    [0, I) (gate) / [I, 2I) (up) of the fused `experts.gate_up_proj` [E, 2I, H]."""
+    start = 0 if kind == "gate" else ffn
+    return ExpertStack(per_expert=f"{{e}}.{kind}_proj.weight", per_layout=HFLayout(perm=(1, 0)),
+                       fused="gate_up_proj",
+                       fused_layout=HFLayout(perm=(0, 2, 1), region=(1, start, start + ffn)))
+
+
+# down_proj: per-expert `experts.{e}.down_proj.weight` [H, I], or fused `experts.down_proj` [E, H, I].
+DOWN_STACK = ExpertStack(per_expert="{e}.down_proj.weight", per_layout=HFLayout(perm=(1, 0)),
+                         fused="down_proj", fused_layout=HFLayout(perm=(0, 2, 1)))
+
+
+class Experts(nnx.Module):
+    """The stacked expert weights (HF module `mlp.experts`)."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, dtype):
+        shape_in, shape_out = (num_experts, hidden, ffn), (num_experts, ffn, hidden)
+        self.gate_proj = param(shape_in, IN_AXES, dtype, _in_stack("gate", ffn))
+        self.up_proj = param(shape_in, IN_AXES, dtype, _in_stack("up", ffn))
+        self.down_proj = param(shape_out, OUT_AXES, dtype, DOWN_STACK)
+
+
+def _dense_local(x, combine, wg, wu, wd):
+    """x [N, H]; combine [N, El] (0 where not selected); w* the local experts. -> [N, H] f32."""
+    g = jnp.einsum("nh,ehi->nei", x, wg)
+    u = jnp.einsum("nh,ehi->nei", x, wu)
+    h = jax.nn.silu(g) * u * combine[:, :, None]
+    return jnp.einsum("nei,eih->nh", h, wd, preferred_element_type=jnp.float32)
+
+
+def _gather_local(x, top_i, top_w, wg, wu, wd, first_expert):
+    """x [N, H]; top_i, top_w [N, k] (global expert ids); w* the local experts, the first of
+    which is global expert `first_expert`. -> [N, H] f32 (this rank's experts only)."""
+    local = top_i - first_expert
+    mine = (local >= 0) & (local < wg.shape[0])
+    local = jnp.where(mine, local, 0)
+    w = jnp.where(mine, top_w, jnp.zeros_like(top_w))
+    g = jnp.einsum("nh,nkhi->nki", x, jnp.take(wg, local, axis=0))
+    u = jnp.einsum("nh,nkhi->nki", x, jnp.take(wu, local, axis=0))
+    h = jax.nn.silu(g) * u * w[:, :, None]
+    return jnp.einsum("nki,nkih->nh", h, jnp.take(wd, local, axis=0),
+                      preferred_element_type=jnp.float32)
+
+
+class SparseMoE(nnx.Module):
+    """HF module `model.layers.{i}.mlp` of a MoE layer. x: [B, T, H] -> [B, T, H]."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rules: AxisRules, *, impl: str = "auto"):
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        h, n = cfg.hidden_size, cfg.num_experts
+        self.gate = Linear((h,), (n,), ("embed",), (None,), dtype)  # router, replicated
+        self.experts = Experts(n, h, cfg.moe_intermediate_size, dtype)
+        if cfg.shared_expert_intermediate_size > 0:
+            self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size, dtype, rules)
+            self.shared_expert_gate = Linear((h,), (1,), ("embed",), (None,), dtype)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+        self.num_experts, self.top_k = n, cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.rules = rules
+        self.impl = impl
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [..., H] -> (weights [..., k] in x's dtype, expert ids [..., k] int32), as HF:
+        logits in x's dtype, softmax in float32, top-k, optional renormalisation."""
+        probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
+        top_w, top_i = jax.lax.top_k(probs, self.top_k)
+        if self.norm_topk_prob:
+            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        return top_w.astype(x.dtype), top_i.astype(jnp.int32)
+
+    def _use_gather(self, tokens: int) -> bool:
+        if self.impl != "auto":
+            return self.impl == "gather"
+        return tokens * self.top_k < self.num_experts // self.rules.size("experts")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rules = self.rules
+        x = rules.constrain(x, ("batch", "seq", "embed"))
+        top_w, top_i = self.route(x)
+        ep_axes, tp_axes = rules.axes_for("experts"), rules.axes_for("expert_ffn")
+        reduce_axes = tuple(ep_axes) + tuple(a for a in tp_axes if a not in ep_axes)
+        weights = [w[...].astype(x.dtype) for w in
+                   (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
+        b, t, hidden = x.shape
+        gather = self._use_gather(b * t)
+
+        def local(x, sel, wts, wg, wu, wd):
+            xb, xt = x.shape[:2]
+            flat = x.reshape(xb * xt, hidden)
+            if gather:
+                first = jax.lax.axis_index(ep_axes) * wg.shape[0] if ep_axes else 0
+                y = _gather_local(flat, sel.reshape(xb * xt, -1), wts.reshape(xb * xt, -1),
+                                  wg, wu, wd, first)
+            else:
+                y = _dense_local(flat, wts.reshape(xb * xt, -1), wg, wu, wd)
+            y = y.astype(x.dtype)
+            if reduce_axes:
+                y = jax.lax.psum(y, reduce_axes)
+            return y.reshape(xb, xt, hidden)
+
+        if gather:
+            sel, wts = top_i, top_w
+            sel_spec = wts_spec = rules.spec(("batch", None, None))
+        else:
+            # Dense combine weights [B, T, experts]: each rank receives its experts' columns.
+            sel = jnp.zeros((), jnp.int32)
+            wts = jnp.sum(jax.nn.one_hot(top_i, self.num_experts, dtype=x.dtype) * top_w[..., None], axis=-2)
+            sel_spec, wts_spec = rules.spec(()), rules.spec(("batch", None, "experts"))
+        if rules.mesh.size == 1:
+            y = local(x, sel, wts, *weights)
+        else:
+            x_spec = rules.spec(("batch", None, None))
+            y = jax.shard_map(
+                local, mesh=rules.mesh,
+                in_specs=(x_spec, sel_spec, wts_spec, rules.spec(IN_AXES), rules.spec(IN_AXES),
+                          rules.spec(OUT_AXES)),
+                out_specs=x_spec, check_vma=False,
+            )(x, sel, wts, *weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * shared
+        return rules.constrain(y, ("batch", "seq", "embed"))

@@ -1,0 +1,164 @@
+"""Qwen3.5 / Qwen3-Next / Qwen3-MoE against Hugging Face transformers on tiny random
+checkpoints, and their sharding policies (GDN replicated / split, EP, mixed tables)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import jaxpar
+from jaxpar.models.decoder import init_cache
+from jaxpar.sharding.rules import RuleTableError
+from tests import hf_models
+
+FAMILIES = ["qwen3_5"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrid")
+    return {f: hf_models.save_tiny(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(hybrid_models):
+    cache = {}
+
+    def get(family, policy=None):
+        key = (family, json.dumps(policy, sort_keys=True))
+        if key not in cache:
+            cache[key] = jaxpar.load(hybrid_models[family], policy=policy, tokenizer=False, progress=False)
+        return cache[key]
+    return get
+
+
+IDS = np.random.default_rng(0).integers(3, 256, size=(2, 11)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def hf_refs(hybrid_models):
+    return {f: hf_models.hf_logits(p, IDS) for f, p in hybrid_models.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_logits_match_hf(family, loaded, hf_refs):
+    ref = hf_refs[family]
+    np.testing.assert_allclose(loaded(family).logits(IDS), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _run_modes(model, ids, prompt_len, chunks=()):
+    """Prefill ids[:, :prompt_len], then `chunks` extend steps (chunked prefill), then decode
+    the rest one token at a time; returns logits at every fed position after the prompt."""
+    g = model._generator
+
+    @jax.jit
+    def step(state, tokens, positions, lengths, cache, mode):
+        return nnx.merge(g.graphdef, state)(tokens, positions, cache, lengths, mode=mode, last_only=False)
+
+    step = jax.jit(step.__wrapped__, static_argnums=5)
+    b = ids.shape[0]
+    cache = init_cache(model.cfg, model.sharding, b, 32, model.dtype)
+    pos = jnp.broadcast_to(jnp.arange(prompt_len), (b, prompt_len))
+    logits, cache = step(g.state, ids[:, :prompt_len], pos, jnp.full((b,), prompt_len), cache, "prefill")
+    out = [np.asarray(logits)]
+    t = prompt_len
+    for n in chunks:
+        pos = t + jnp.broadcast_to(jnp.arange(n), (b, n))
+        logits, cache = step(g.state, ids[:, t: t + n], pos, jnp.full((b,), n), cache, "extend")
+        out.append(np.asarray(logits))
+        t += n
+    while t < ids.shape[1]:
+        logits, cache = step(g.state, ids[:, t: t + 1], jnp.full((b, 1), t), jnp.ones((b,), jnp.int32),
+                             cache, "decode")
+        out.append(np.asarray(logits))
+        t += 1
+    return np.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_extend_and_decode_equal_full_forward(family, loaded):
+    model = loaded(family)
+    ids = np.random.default_rng(1).integers(3, 256, size=(2, 20)).astype(np.int32)
+    full = model.logits(ids)
+    stepped = _run_modes(model, ids, prompt_len=5, chunks=(4, 3))
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_match_hf_generate(family, hybrid_models, loaded):
+    prompt = IDS[0, :7].tolist()
+    assert loaded(family).generate(prompt, 10, ignore_eos=True).token_ids[0] == \
+        hf_models.hf_greedy(hybrid_models[family], prompt, 10)
+
+
+def test_batched_ragged_prompts_equal_one_by_one(loaded):
+    model = loaded("qwen3_5")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 256, size=n).tolist() for n in (3, 17, 9)]
+    assert model.generate(prompts, 6, ignore_eos=True).token_ids == \
+        [model.generate(p, 6, ignore_eos=True).token_ids[0] for p in prompts]
+
+
+GDN_POLICIES = {
+    "gdn-replicated-tp4": {"axes": {"tp": 4}, "rules": [{"match": {"kind": "linear_attention"},
+                                                         "plan": {"tp_size": 1}}]},
+    "gdn-tp2": {"axes": {"tp": 2}},
+    "gdn-tp4": {"axes": {"tp": 4}},
+    "tpa-dcp+gdn-tp4": {"axes": {"tp": 8, "attn_tp": 2, "dcp": 4},
+                        "rules": [{"match": {"kind": "attention"}, "plan": {"tp_size": "attn_tp", "dcp_size": "dcp"}},
+                                  {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 4}},
+                                  {"match": {"kind": "mlp"}, "plan": {"tp_size": 8}}]},
+}
+
+
+@pytest.mark.parametrize("policy", list(GDN_POLICIES))
+def test_gdn_policies_match_one_device(policy, loaded):
+    base = loaded("qwen3_5")
+    model = loaded("qwen3_5", GDN_POLICIES[policy])
+    ref = base.logits(IDS)
+    np.testing.assert_allclose(model.logits(IDS), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    prompts = [IDS[0, :5].tolist(), IDS[1].tolist()]
+    assert model.generate(prompts, 8, ignore_eos=True).token_ids == \
+        base.generate(prompts, 8, ignore_eos=True).token_ids
+
+
+def test_gdn_split_by_key_head_groups(loaded):
+    model = loaded("qwen3_5", GDN_POLICIES["gdn-tp4"])
+    gdn = model.module.layers[0].linear_attn
+    # 4 key heads over 4 ranks: each rank holds one key head's q, k and its 2 value heads' v.
+    assert {s.data.shape for s in gdn.in_proj_q.weight[...].addressable_shards} == {(64, 1, 16)}
+    assert {s.data.shape for s in gdn.conv_v[...].addressable_shards} == {(1, 32, 4)}
+    assert {s.data.shape for s in gdn.out_proj.weight[...].addressable_shards} == {(1, 32, 64)}
+
+
+def test_gdn_tp_not_dividing_key_heads_is_refused(hybrid_models):
+    with pytest.raises(RuleTableError, match="tp_size=8 must divide linear_num_key_heads=4"):
+        jaxpar.load(hybrid_models["qwen3_5"], policy={"axes": {"tp": 8}}, tokenizer=False, progress=False)
+
+
+def test_recurrent_state_dtype_is_selectable(loaded):
+    model = loaded("qwen3_5")
+    cache = init_cache(model.cfg, model.sharding, 1, 16, model.dtype, state_dtype=jnp.bfloat16)
+    assert cache.layers[0].recurrent.dtype == jnp.bfloat16
+    assert init_cache(model.cfg, model.sharding, 1, 16, model.dtype).layers[0].recurrent.dtype == jnp.float32
+
+
+def test_conditional_generation_folder_loads_text_model(hybrid_models, tmp_path, loaded):
+    """A Qwen3.5 image-text folder: text config under text_config, weights under
+    model.language_model.*, vision and MTP weights skipped (and reported)."""
+    src = hybrid_models["qwen3_5"]
+    text_cfg = json.loads((src / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": text_cfg,
+                                                      "tie_word_embeddings": False}))
+    tensors = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+               for k, v in load_file(src / "model.safetensors").items()}
+    tensors["model.visual.patch_embed.weight"] = np.zeros((4, 4), np.float32)
+    tensors["mtp.fc.weight"] = np.zeros((4, 4), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = jaxpar.load(tmp_path, tokenizer=False, progress=False)
+    assert sorted(model.skipped_weights) == ["model.visual.patch_embed.weight", "mtp.fc.weight"]
+    np.testing.assert_array_equal(model.logits(IDS), loaded("qwen3_5").logits(IDS))
