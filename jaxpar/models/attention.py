@@ -10,7 +10,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.kernels_pallas import dispatch
 from jaxpar.models import kv_parallel
 from jaxpar.models.cache import KVCache
-from jaxpar.models.linear import Linear
+from jaxpar.models.linear import Linear, row_parallel_scatter
 from jaxpar.models.norms import RMSNorm
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.models.rope import apply_rope, inverse_frequencies
@@ -53,6 +53,9 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        # Pin positions to this block's batch layout, so the rotary tables XLA shares
+        # across layers are not re-gathered per layer when layouts differ.
+        positions = self.rules.constrain(positions, ("batch", "seq"))
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         return (self.rules.constrain(q, Q_AXES), self.rules.constrain(k, KV_AXES),
@@ -90,4 +93,8 @@ class Attention(nnx.Module):
         if gate is not None:
             o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(x.dtype)
         o = self.rules.constrain(o, Q_AXES)
+        if mode != "decode":
+            y = row_parallel_scatter(self.o_proj, o, self.rules, Q_AXES)
+            if y is not None:
+                return y, cache
         return self.rules.constrain(self.o_proj(o), ("batch", "seq", "embed")), cache

@@ -69,22 +69,24 @@ class DecoderLayer(nnx.Module):
             self.linear_attn = mixer
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = _ffn(cfg, index, dtype, sharding.ffn)
+        self.dense_ffn = cfg.mlp_types[index] == MLP_KIND
         self.sharding = sharding
 
     def __call__(self, x, positions, cache, lengths, *, mode: str):
         residual = DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL
         mixer, ffn = self.sharding.mixer, self.sharding.ffn
+        # Only block outputs are constrained: a block's input keeps the previous block's
+        # layout (slicing a replicated residual to re-gather it would only cost traffic).
         with jax.named_scope(f"layer_{self.index}"):
-            x = mixer.constrain(x, residual)
             h = self.input_layernorm(x)
             if self.is_attention:
                 h, cache = self.self_attn(h, positions, cache, lengths, mode=mode)
             else:
                 h, cache = self.linear_attn(h, cache, lengths, mode=mode)
             x = mixer.constrain(x + h, residual)
-            x = ffn.constrain(x, residual)
-            x = x + self.mlp(self.post_attention_layernorm(x))
-            return ffn.constrain(x, residual), cache
+            h = self.post_attention_layernorm(x)
+            h = self.mlp(h, scatter_seq=True) if mode != "decode" and self.dense_ffn else self.mlp(h)
+            return ffn.constrain(x + h, residual), cache
 
 
 class CausalLM(nnx.Module):

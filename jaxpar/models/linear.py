@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxpar.loading.layouts import HFLayout
 from jaxpar.models.params import AS_IS, LINEAR, param
+from jaxpar.sharding.axis_rules import AxisRules
 
 
 class Linear(nnx.Module):
@@ -31,3 +32,34 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
+
+
+def row_parallel_scatter(linear: Linear, x: jax.Array, rules: AxisRules,
+                         x_axes: tuple[str | None, ...]) -> jax.Array | None:
+    """Sequence parallelism's row-parallel projection: each rank multiplies its slice of
+    the contracted dim, then the partial sums are reduce-scattered over the sequence
+    (`psum_scatter`) instead of all-reduced — XLA does not make this rewrite from
+    sharding constraints alone on every backend. Returns None when the layout does not
+    allow it (contracted dim not split over exactly the sequence-parallel axes, or the
+    batch split differently from the residual stream); the caller then uses the plain path.
+    x: [B, T, *in]; x_axes: its logical axes.
+    """
+    sp_axes = rules.axes_for("residual_seq")
+    contracted = tuple(a for name in x_axes[2:] for a in rules.axes_for(name))
+    size = rules.size("residual_seq")
+    if (not sp_axes or contracted != sp_axes or x.shape[1] % size
+            or rules.axes_for("batch") != rules.axes_for("residual_batch")):
+        return None
+    w_axes = linear.weight.logical_axes
+    out_axes = ("batch", "residual_seq") + tuple(w_axes[linear.n_in:])
+    n_in = linear.n_in
+
+    def local(x, w):
+        y = jnp.tensordot(x, w.astype(x.dtype), axes=n_in)
+        return jax.lax.psum_scatter(y, sp_axes, scatter_dimension=1, tiled=True)
+
+    y = jax.shard_map(local, mesh=rules.mesh, in_specs=(rules.spec(x_axes), rules.spec(w_axes)),
+                      out_specs=rules.spec(out_axes), check_vma=False)(x, linear.weight[...])
+    if linear.bias is not None:
+        y = y + linear.bias[...].astype(y.dtype)
+    return y
