@@ -15,7 +15,7 @@ from jaxpar.models.decoder import init_cache
 from jaxpar.sharding.rules import RuleTableError
 from tests import hf_models
 
-FAMILIES = ["qwen3_5"]
+FAMILIES = list(hf_models.HYBRID_FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +115,28 @@ GDN_POLICIES = {
 }
 
 
-@pytest.mark.parametrize("policy", list(GDN_POLICIES))
-def test_gdn_policies_match_one_device(policy, loaded):
-    base = loaded("qwen3_5")
-    model = loaded("qwen3_5", GDN_POLICIES[policy])
+EP_POLICIES = {
+    "ep2": {"axes": {"tp": 2, "ep": 2}, "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}}]},
+    "ep4-gdn-replicated": {"axes": {"tp": 4, "ep": 4},
+                           "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}},
+                                     {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 1}}]},
+    "ep8": {"axes": {"tp": 8, "ep": 8},
+            "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}},
+                      {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 4}},
+                      {"match": {"kind": "attention"}, "plan": {"tp_size": 4}}]},
+    # Attention TPA+DCP, GDN split by key heads and MoE EP with TP inside each expert, in one table.
+    "mixed": {"axes": {"tp": 8, "attn_tp": 4, "dcp": 2, "ep": 4},
+              "rules": [{"match": {"kind": "attention"}, "plan": {"tp_size": "attn_tp", "dcp_size": "dcp"}},
+                        {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 4}},
+                        {"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 2}}]},
+}
+
+
+@pytest.mark.parametrize("family,policy", [("qwen3_5", p) for p in GDN_POLICIES] +
+                         [("qwen3_next", p) for p in EP_POLICIES] + [("qwen3_5_moe", "ep4-gdn-replicated")])
+def test_policies_match_one_device(family, policy, loaded):
+    base = loaded(family)
+    model = loaded(family, {**GDN_POLICIES, **EP_POLICIES}[policy])
     ref = base.logits(IDS)
     np.testing.assert_allclose(model.logits(IDS), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     prompts = [IDS[0, :5].tolist(), IDS[1].tolist()]

@@ -69,7 +69,6 @@ class DecoderLayer(nnx.Module):
             self.linear_attn = mixer
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = _ffn(cfg, index, dtype, sharding.ffn)
-        self.dense_ffn = cfg.mlp_types[index] == MLP_KIND
         self.sharding = sharding
 
     def __call__(self, x, positions, cache, lengths, *, mode: str):
@@ -85,7 +84,7 @@ class DecoderLayer(nnx.Module):
                 h, cache = self.linear_attn(h, cache, lengths, mode=mode)
             x = mixer.constrain(x + h, residual)
             h = self.post_attention_layernorm(x)
-            h = self.mlp(h, scatter_seq=True) if mode != "decode" and self.dense_ffn else self.mlp(h)
+            h = self.mlp(h, scatter_seq=mode != "decode")
             return ffn.constrain(x + h, residual), cache
 
 

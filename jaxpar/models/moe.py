@@ -12,7 +12,10 @@ each expert's ffn over the plan's tp axes ("expert_ffn"). The expert computation
 its local experts' share of the output for them, and the partial outputs are summed over the
 ep and tp axes (one all-reduce of `[tokens, hidden]`, as a TP MLP has). Tokens are never
 exchanged (no all-to-all), so the result is exact and independent of how the batch is split.
-The router and the shared expert run outside `shard_map` as ordinary (TP) layers.
+The router and the shared expert run outside `shard_map` as ordinary (TP) layers. Under
+sequence parallelism (`scatter_seq=True`, prefill) the partial sums are reduce-scattered over
+the sequence instead, when they are summed over exactly the sequence-parallel axes
+(ep_size * tp_size = all tp devices).
 
 Local computation, chosen per call from the (static) token count:
 - "dense": every local expert on every token, weighted by the combine weights (0 for experts
@@ -124,12 +127,26 @@ class SparseMoE(nnx.Module):
             return self.impl == "gather"
         return tokens * self.top_k < self.num_experts // self.rules.size("experts")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _scatter_axes(self, x: jax.Array, reduce_axes: tuple[str, ...]) -> tuple[str, ...]:
+        """The sequence-parallel axes when the expert partial sums can be reduce-scattered
+        over the sequence instead of all-reduced (they are summed over exactly those axes),
+        else ()."""
+        rules = self.rules
+        sp_axes = rules.axes_for("residual_seq")
+        if (not sp_axes or set(sp_axes) != set(reduce_axes) or x.shape[1] % rules.size("residual_seq")
+                or rules.axes_for("batch") != rules.axes_for("residual_batch")):
+            return ()
+        return sp_axes
+
+    def __call__(self, x: jax.Array, *, scatter_seq: bool = False) -> jax.Array:
+        """`scatter_seq`: under sequence parallelism (prefill), leave the output split on the
+        sequence (reduce-scatter) rather than all-reduced, where the layout allows it."""
         rules = self.rules
         x = rules.constrain(x, ("batch", "seq", "embed"))
         top_w, top_i = self.route(x)
         ep_axes, tp_axes = rules.axes_for("experts"), rules.axes_for("expert_ffn")
         reduce_axes = tuple(ep_axes) + tuple(a for a in tp_axes if a not in ep_axes)
+        scatter_axes = self._scatter_axes(x, reduce_axes) if scatter_seq else ()
         weights = [w[...].astype(x.dtype) for w in
                    (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
         b, t, hidden = x.shape
@@ -144,10 +161,10 @@ class SparseMoE(nnx.Module):
                                   wg, wu, wd, first)
             else:
                 y = _dense_local(flat, wts.reshape(xb * xt, -1), wg, wu, wd)
-            y = y.astype(x.dtype)
-            if reduce_axes:
-                y = jax.lax.psum(y, reduce_axes)
-            return y.reshape(xb, xt, hidden)
+            y = y.astype(x.dtype).reshape(xb, xt, hidden)
+            if scatter_axes:
+                return jax.lax.psum_scatter(y, scatter_axes, scatter_dimension=1, tiled=True)
+            return jax.lax.psum(y, reduce_axes) if reduce_axes else y
 
         if gather:
             sel, wts = top_i, top_w
@@ -161,13 +178,15 @@ class SparseMoE(nnx.Module):
             y = local(x, sel, wts, *weights)
         else:
             x_spec = rules.spec(("batch", None, None))
+            out_spec = rules.spec(("batch", "residual_seq", None)) if scatter_axes else x_spec
             y = jax.shard_map(
                 local, mesh=rules.mesh,
                 in_specs=(x_spec, sel_spec, wts_spec, rules.spec(IN_AXES), rules.spec(IN_AXES),
                           rules.spec(OUT_AXES)),
-                out_specs=x_spec, check_vma=False,
+                out_specs=out_spec, check_vma=False,
             )(x, sel, wts, *weights)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
+            shared = self.shared_expert(x, scatter_seq=bool(scatter_axes))
             y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * shared
-        return rules.constrain(y, ("batch", "seq", "embed"))
+        out_axes = ("batch", "residual_seq", "embed") if scatter_axes else ("batch", "seq", "embed")
+        return rules.constrain(y, out_axes)

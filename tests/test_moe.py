@@ -1,0 +1,249 @@
+"""Sparse MoE block: parity with HF's sparse MoE blocks (loaded through the real loader from
+per-expert and fused checkpoints), expert parallelism on 8 devices, and the rule-table checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jaxpar.config import config_from_hf_dict
+from jaxpar.loading import loader
+from jaxpar.loading.sources import SafetensorsSource
+from jaxpar.models.moe import SparseMoE
+from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.sharding.resolve import build_sharding, resolve_plans
+from jaxpar.sharding.rules import RuleTableError, parse_rule_table
+
+PREFIX = "model.layers.0.mlp."
+# 16 experts, top-4, expert ffn 16, shared expert ffn 24 (Qwen3-Next); other blocks sized so
+# that every plan below is valid for them on 8 devices.
+_COMMON = dict(hidden_size=32, intermediate_size=64, num_experts=16, num_experts_per_tok=4,
+               moe_intermediate_size=16, num_hidden_layers=1, vocab_size=64, num_attention_heads=8,
+               num_key_value_heads=8, head_dim=8)
+X = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)  # prefill-like: N*k = 40
+X_DECODE = X[:, :1]  # decode-like: N*k = 8
+
+
+def _hf_block(family: str, norm_topk_prob: bool):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+
+        hf_cfg = transformers.Qwen3MoeConfig(norm_topk_prob=norm_topk_prob, **_COMMON)
+    else:
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock as Block
+
+        hf_cfg = transformers.Qwen3NextConfig(norm_topk_prob=norm_topk_prob, shared_expert_intermediate_size=24,
+                                              layer_types=["full_attention"], **_COMMON)
+    block = Block(hf_cfg).float().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+    return config_from_hf_dict(hf_cfg.to_dict()), block
+
+
+def _write(block, folder, fmt: str):
+    """HF block weights as `model.layers.0.mlp.*` tensors: HF's own fused layout
+    (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]) or per-expert tensors."""
+    sd = {k: v.detach().numpy().copy() for k, v in block.state_dict().items()}
+    if fmt == "per_expert":
+        gate_up, down = sd.pop("experts.gate_up_proj"), sd.pop("experts.down_proj")
+        ffn = down.shape[2]
+        for e in range(gate_up.shape[0]):
+            sd[f"experts.{e}.gate_proj.weight"] = np.ascontiguousarray(gate_up[e, :ffn])
+            sd[f"experts.{e}.up_proj.weight"] = np.ascontiguousarray(gate_up[e, ffn:])
+            sd[f"experts.{e}.down_proj.weight"] = np.ascontiguousarray(down[e])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({PREFIX + k: v for k, v in sd.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+class _BlockSharding:
+    """The loader's view of a model sharding, for a lone block: every parameter uses `rules`."""
+
+    def __init__(self, rules):
+        self.rules = rules
+
+    def rules_for_param(self, path):
+        return self.rules
+
+
+def _load_block(cfg, folder, rules, impl="auto"):
+    abstract = nnx.eval_shape(lambda: SparseMoE(cfg, jnp.float32, rules, impl=impl))
+    graphdef, state = nnx.split(abstract)
+    block_cfg = dataclasses.replace(cfg, weight_prefix=PREFIX)
+    state = loader.load_params(state, block_cfg, SafetensorsSource(folder), _BlockSharding(rules), jnp.float32)
+    return nnx.merge(graphdef, state)
+
+
+_apply = nnx.jit(lambda m, x: m(x))
+
+
+def _run(block, x):
+    return np.asarray(_apply(block, jnp.asarray(x)))
+
+
+def _hf_out(block, x):
+    import torch
+
+    with torch.no_grad():
+        return block(torch.from_numpy(x)).numpy()
+
+
+def _close(got, want, rtol=1e-5):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(np.abs(want).max()))
+
+
+@pytest.fixture(scope="module")
+def moe_setups(tmp_path_factory):
+    """family -> (ModelConfig, HF block, {format: folder})."""
+    out = {}
+    for family, norm in (("qwen3_moe", False), ("qwen3_next", True)):
+        cfg, block = _hf_block(family, norm)
+        root = tmp_path_factory.mktemp(family)
+        out[family] = (cfg, block, {fmt: _write(block, root / fmt, fmt) for fmt in ("fused", "per_expert")})
+    return out
+
+
+def _one_device_rules(cfg):
+    return ModelSharding.plain_tp(cfg).layers[0].ffn
+
+
+IMPL_INPUTS = {"dense": X, "gather": X_DECODE}
+
+
+@pytest.fixture(scope="module")
+def one_device(moe_setups):
+    """(family, on-disk format, impl) -> one-device output for IMPL_INPUTS[impl], and also
+    (family, format, impl, "decode") for X_DECODE through the dense path."""
+    out = {}
+    for family, (cfg, _, folders) in moe_setups.items():
+        rules = _one_device_rules(cfg)
+        for fmt, folder in folders.items():
+            for impl, x in IMPL_INPUTS.items():
+                out[family, fmt, impl] = _run(_load_block(cfg, folder, rules, impl), x)
+            out[family, fmt, "dense", "decode"] = _run(_load_block(cfg, folder, rules, "dense"), X_DECODE)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
+@pytest.mark.parametrize("fmt", ["fused", "per_expert"])
+def test_matches_hf_block(moe_setups, one_device, family, fmt):
+    cfg, hf_block, _ = moe_setups[family]
+    assert (cfg.shared_expert_intermediate_size > 0) == (family == "qwen3_next")
+    for impl, x in IMPL_INPUTS.items():
+        _close(one_device[family, fmt, impl], _hf_out(hf_block, x))
+    _close(one_device[family, fmt, "dense", "decode"], _hf_out(hf_block, X_DECODE))
+
+
+def test_router_matches_hf(moe_setups):
+    """Top-k ids and (renormalised) weights equal HF's router for both norm_topk_prob settings."""
+    import torch
+
+    for family in ("qwen3_moe", "qwen3_next"):
+        cfg, hf_block, folders = moe_setups[family]
+        block = _load_block(cfg, folders["fused"], _one_device_rules(cfg))
+        w, i = block.route(jnp.asarray(X.reshape(-1, 32)))
+        with torch.no_grad():
+            _, hf_w, hf_i = hf_block.gate(torch.from_numpy(X.reshape(-1, 32)))
+        np.testing.assert_array_equal(np.asarray(i), hf_i.numpy())
+        np.testing.assert_allclose(np.asarray(w), hf_w.numpy(), rtol=1e-6, atol=1e-7)
+
+
+# (rule-table moe plan or None for the default, expected (experts shards, expert_ffn shards)).
+EP_PLANS = {
+    "default (replicated experts, tp=8 inside)": (None, (1, 8)),
+    "ep=2 x tp=4": ({"ep_size": "ep"}, (2, 4)),
+    "ep=4 x tp=2": ({"ep_size": "ep"}, (4, 2)),
+    "ep=8": ({"ep_size": "ep"}, (8, 1)),
+    "ep=2, tp=1 (4 replicas)": ({"ep_size": "ep", "tp_size": 1}, (2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(EP_PLANS))
+def test_expert_parallel_equals_one_device(moe_setups, one_device, name):
+    plan, (n_ep, n_tp) = EP_PLANS[name]
+    axes = {"tp": 8, "ep": n_ep}
+    table = parse_rule_table({"axes": axes, "rules": [] if plan is None else [{"match": {"kind": "moe"}, "plan": plan}]})
+    for family in ("qwen3_moe", "qwen3_next"):
+        cfg, _, folders = moe_setups[family]
+        rules = build_sharding(table, cfg, jax.devices()).layers[0].ffn
+        assert (rules.size("experts"), rules.size("expert_ffn")) == (n_ep, n_tp)
+        fmt = "per_expert" if family == "qwen3_moe" else "fused"
+        for impl, x in IMPL_INPUTS.items():
+            block = _load_block(cfg, folders[fmt], rules, impl)
+            assert block.experts.gate_proj[...].sharding.spec == rules.spec(("experts", "embed", "expert_ffn"))
+            _close(_run(block, x), one_device[family, fmt, impl])
+
+
+X_SP = np.random.default_rng(1).normal(size=(2, 8, 32)).astype(np.float32)
+_apply_scatter = nnx.jit(lambda m, x: m(x, scatter_seq=True))
+# (moe plan with sp, ep, whether the partial sums are reduce-scattered over the sequence).
+SP_PLANS = {
+    "ep=2 x tp=4, sp": ({"ep_size": "ep", "sp": True}, 2, True),
+    "ep=8, sp": ({"ep_size": "ep", "sp": True}, 8, True),
+    # Partial sums over 2 of the 8 sequence-parallel devices: all-reduce, then constrain.
+    "ep=2 x tp=1, sp": ({"ep_size": "ep", "tp_size": 1, "sp": True}, 2, False),
+}
+
+
+@pytest.mark.parametrize("name", list(SP_PLANS))
+def test_sequence_parallel_reduce_scatter(moe_setups, name):
+    plan, ep, scattered = SP_PLANS[name]
+    table = parse_rule_table({"axes": {"tp": 8, "ep": ep}, "rules": [{"match": {"kind": "moe"}, "plan": plan}]})
+    for family in ("qwen3_moe", "qwen3_next"):
+        cfg, _, folders = moe_setups[family]
+        want = _run(_load_block(cfg, folders["fused"], _one_device_rules(cfg), "dense"), X_SP)
+        rules = build_sharding(table, cfg, jax.devices()).layers[0].ffn
+        block = _load_block(cfg, folders["fused"], rules, "dense")
+        y = _apply_scatter(block, jnp.asarray(X_SP))
+        assert y.sharding.is_equivalent_to(
+            rules.sharding(("batch", "residual_seq" if scattered else "seq", "embed")), 3)
+        _close(np.asarray(y), want)
+
+
+def _moe_only(plan, **axes):
+    """Other blocks replicated so that only the MoE block can fail."""
+    rest = [{"match": {"kind": k}, "plan": {"tp_size": 1}} for k in ("attention", "mlp", "embed", "lm_head")]
+    return parse_rule_table({"axes": axes, "rules": [{"match": {"kind": "moe"}, "plan": plan}] + rest})
+
+
+INVALID = {
+    "experts not divisible by ep_size": (
+        "qwen3_moe", {}, _moe_only({"ep_size": "ep", "tp_size": 1}, tp=6, ep=3),
+        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): num_experts=16 is not divisible by ep_size=3"),
+    "expert ffn not divisible by tp_size": (
+        "qwen3_moe", {}, _moe_only({"ep_size": 2, "tp_size": 3}, tp=6),
+        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): moe_intermediate_size=16 is not divisible by tp_size=3"),
+    "shared expert ffn not divisible by tp_size": (
+        "qwen3_next", {"shared_expert_intermediate_size": 12}, _moe_only({"tp_size": 8}, tp=8),
+        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): shared_expert_intermediate_size=12 is not divisible by tp_size=8"),
+    "default plan, expert ffn not divisible by tp": (
+        "qwen3_moe", {}, parse_rule_table({"axes": {"tp": 3}, "rules": [
+            {"match": {"kind": k}, "plan": {"tp_size": 1}} for k in ("attention", "mlp", "embed", "lm_head")]}),
+        "the default plan (plain TP) at layer 0 (model.layers.0.mlp): moe_intermediate_size=16 is not divisible by tp_size=3"),
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID))
+def test_invalid_moe_plans(moe_setups, name):
+    family, overrides, table, message = INVALID[name]
+    cfg = dataclasses.replace(moe_setups[family][0], **overrides)
+    with pytest.raises(RuleTableError) as e:
+        resolve_plans(table, cfg)
+    assert message in str(e.value)
+
+
+def test_moe_kind_only_for_moe_architectures(moe_setups):
+    cfg = dataclasses.replace(moe_setups["qwen3_moe"][0], model_type="qwen3")
+    with pytest.raises(RuleTableError, match="qwen3 has no moe blocks"):
+        resolve_plans(_moe_only({"ep_size": 2}, tp=2), cfg)
