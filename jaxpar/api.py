@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxpar.checkpoint import OrbaxCheckpoint, is_orbax_checkpoint
 from jaxpar.config import ModelConfig, config_from_hf_dict, load_config
 from jaxpar.generate import GenerationResult, Generator
 from jaxpar.loading.gguf_source import GGUFSource
@@ -80,6 +81,8 @@ def _resolve_path(path_or_alias: str | Path) -> Path:
 def open_config(path_or_alias: str | Path) -> ModelConfig:
     """The ModelConfig of a model folder, GGUF file or alias, without touching weights."""
     path = _resolve_path(path_or_alias)
+    if is_orbax_checkpoint(path):
+        return OrbaxCheckpoint(path).cfg
     if path.is_file() and path.suffix == ".gguf":
         return config_from_hf_dict(GGUFSource(path).hf_config())
     if path.is_dir():
@@ -91,6 +94,9 @@ def open_config(path_or_alias: str | Path) -> ModelConfig:
 
 def _open_checkpoint(path_or_alias: str | Path) -> _Checkpoint:
     path = _resolve_path(path_or_alias)
+    if is_orbax_checkpoint(path):
+        orbax = OrbaxCheckpoint(path)
+        return _Checkpoint(orbax.cfg, orbax, path)
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
         return _Checkpoint(config_from_hf_dict(source.hf_config()), source, path.parent, path.name)
@@ -221,7 +227,10 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, jdtype, sharding, options))
     graphdef, state = nnx.split(abstract)
     bar = (lambda it: tqdm(it, desc="loading weights", unit="tensor", leave=False)) if progress else None
-    state = load_params(state, cfg, ckpt.source, sharding, jdtype, progress=bar)
+    if isinstance(ckpt.source, OrbaxCheckpoint):  # Orbax restores straight into the shardings
+        state = ckpt.source.restore_state(state, sharding, jdtype, progress=bar)
+    else:
+        state = load_params(state, cfg, ckpt.source, sharding, jdtype, progress=bar)
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file) if tokenizer else None
     skipped = skipped_tensors(cfg, ckpt.source)

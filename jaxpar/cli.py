@@ -1,4 +1,4 @@
-"""`jaxpar` command line: generate, plan."""
+"""`jaxpar` command line: generate, plan, convert."""
 
 from __future__ import annotations
 
@@ -83,11 +83,19 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    """`jaxpar convert {hf-to-orbax, orbax-to-hf, inspect}` (jaxpar/checkpoint/cli.py)."""
+    from jaxpar.checkpoint.cli import add_convert_parser
+
+    add_convert_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
+    _add_convert(sub)
     return parser
 
 
