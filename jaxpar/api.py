@@ -171,15 +171,16 @@ class LoadedModel:
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward without a cache: float32 logits [B, T, V] (rows of equal length)."""
         tokens = jnp.asarray(np.asarray(token_ids, np.int32))
+        g = self._generator
         if self._forward is None:
-            def forward(graphdef, state, tokens):
-                model = nnx.merge(graphdef, state)
+            def forward(state, tokens):
+                model = nnx.merge(g.graphdef, state)
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
                 lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
                 return model(tokens, positions, None, lengths, mode="prefill")[0]
-            self._forward = jax.jit(forward, static_argnums=0)
-        g = self._generator
-        return np.asarray(self._forward(g.graphdef, g.state, tokens))
+            # The graph is closed over (hashing it as a static argument costs every call).
+            self._forward = jax.jit(forward)
+        return np.asarray(self._forward(g.state, tokens))
 
 
 def _is_single(prompts) -> bool:

@@ -92,9 +92,11 @@ def _decode(graphdef, state, tokens, cache: Cache, seed_step, temperature, top_k
     return _sample(logits, seed_step, temperature, top_k, top_p, mode), cache
 
 
-def _with_argmax(step):
-    def run(*args):
-        logits, cache = step(*args)
+def _with_argmax(step, treedef):
+    """A program over the state's leaves (a flat list crosses the jit boundary far faster
+    than an nnx.State), returning the greedy tokens, the logits and the cache."""
+    def run(leaves, *args):
+        logits, cache = step(jax.tree.unflatten(treedef, leaves), *args)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
     return run
 
@@ -105,8 +107,9 @@ class Generator:
     The model programs return the greedy tokens *and* the logits, so one compiled program
     per (batch, length bucket) serves every sampling setting; temperature / top-k / top-p
     sampling is a separate small program (compiled per batch size and mode, independent
-    of lengths). The graph definition is closed over rather than passed as a static
-    argument: hashing it on every call would cost milliseconds per decode step.
+    of lengths). Dispatch is kept cheap, since it is paid on every decode step: the graph
+    definition is closed over (hashing it as a static argument costs milliseconds) and
+    the weights are passed as a flat list of arrays.
     """
 
     def __init__(self, model: CausalLM, cache_dtype):
@@ -114,11 +117,23 @@ class Generator:
         self.cfg = model.cfg
         self.sharding = model.sharding
         self.cache_dtype = cache_dtype
-        self.prefill = jax.jit(_with_argmax(functools.partial(_prefill_logits, self.graphdef)),
-                               donate_argnums=3)
-        self.decode = jax.jit(_with_argmax(functools.partial(_decode_logits, self.graphdef)),
-                              donate_argnums=2)
         self.sample = jax.jit(_sample, static_argnames="mode")
+        self._flat_of = None
+        self._treedef = None
+
+    def _flat_state(self) -> list[jax.Array]:
+        """The state's leaves; the programs are (re)built if the state was replaced by
+        one of another structure."""
+        if self._flat_of is not self.state:
+            leaves, treedef = jax.tree.flatten(self.state)
+            if self._treedef is None or treedef != self._treedef:
+                self.prefill = jax.jit(_with_argmax(functools.partial(_prefill_logits, self.graphdef),
+                                                    treedef), donate_argnums=3)
+                self.decode = jax.jit(_with_argmax(functools.partial(_decode_logits, self.graphdef),
+                                                   treedef), donate_argnums=2)
+                self._treedef = treedef
+            self._flat_of, self._leaves = self.state, leaves
+        return self._leaves
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams, *, stop_ids: set[int],
@@ -171,12 +186,14 @@ class Generator:
                 return greedy_tokens
             return self.sample(logits, seed_step(step), *params, mode=sampling.mode())
 
+        weights = self._flat_state()
+
         def prefill(tokens, lengths, cache):
-            greedy_tokens, logits, cache = self.prefill(self.state, tokens, lengths, cache)
+            greedy_tokens, logits, cache = self.prefill(weights, tokens, lengths, cache)
             return choose(greedy_tokens, logits, 0), cache
 
         def decode(tokens, cache, step):
-            greedy_tokens, logits, cache = self.decode(self.state, tokens, cache)
+            greedy_tokens, logits, cache = self.decode(weights, tokens, cache)
             return choose(greedy_tokens, logits, step), cache
 
         cache = init_cache(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)

@@ -17,12 +17,14 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
+        if not (0.0 <= self.temperature < float("inf")):
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
             raise ValueError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
+            raise ValueError(f"seed must be a whole number, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -33,31 +35,56 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0
 
     def mode(self) -> tuple[bool, bool]:
-        """The static part: which program to compile."""
+        """(greedy, filtered), for callers that specialise `sample` statically."""
         return self.greedy, self.filtered
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The traced part: changing these values does not recompile."""
-        return (np.float32(max(self.temperature, 1e-6)), np.int32(self.top_k),
-                np.float32(self.top_p))
+        """The traced part: one compiled program serves every sampling setting."""
+        return (np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p))
+
+
+def _greedy(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _draw(logits: jax.Array, key: jax.Array) -> jax.Array:
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _draw_filtered(logits: jax.Array, key: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])
+    keep = jnp.where(top_k > 0, rank < top_k, True)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = keep & (mass_before < top_p)
+    ranked = jnp.where(keep, ranked, -jnp.inf)
+    choice = jax.random.categorical(key, ranked, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, *, greedy: bool, filtered: bool) -> jax.Array:
-    """logits: [B, V] float32 -> token ids [B] int32."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if filtered:
-        order = jnp.argsort(-logits, axis=-1)
-        ranked = jnp.take_along_axis(logits, order, axis=-1)
-        rank = jnp.arange(logits.shape[-1])
-        keep = jnp.where(top_k > 0, rank < top_k, True)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = keep & (mass_before < top_p)
-        ranked = jnp.where(keep, ranked, -jnp.inf)
-        choice = jax.random.categorical(key, ranked, axis=-1)
-        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+           top_p: jax.Array, *, greedy: bool | None = None, filtered: bool | None = None) -> jax.Array:
+    """logits: [B, V] float32 -> token ids [B] int32. Greedy when temperature == 0.
+
+    With `greedy` / `filtered` left None the choice is made at run time (`lax.cond`
+    runs only the branch taken), so one compiled program serves greedy, plain and
+    top-k / top-p sampling; passing them specialises the program statically.
+    """
+    if greedy is None:
+        greedy = temperature <= 0
+    if filtered is None:
+        filtered = (top_k > 0) | (top_p < 1)
+
+    def draw(logits):
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+        if isinstance(filtered, bool):
+            return _draw_filtered(scaled, key, top_k, top_p) if filtered else _draw(scaled, key)
+        return jax.lax.cond(filtered, lambda x: _draw_filtered(x, key, top_k, top_p),
+                            lambda x: _draw(x, key), scaled)
+
+    if isinstance(greedy, bool):
+        return _greedy(logits) if greedy else draw(logits)
+    return jax.lax.cond(greedy, _greedy, draw, logits)

@@ -27,7 +27,8 @@ def tiny_config(family: str, **overrides):
     if family == "llama":
         return transformers.LlamaConfig(rope_theta=10000.0, **kw)
     if family == "qwen2":
-        kw.setdefault("tie_word_embeddings", True)
+        if "tie_word_embeddings" not in overrides:  # the qwen2 tiny model covers tied embeddings
+            kw["tie_word_embeddings"] = True
         return transformers.Qwen2Config(rope_theta=1e6, **kw)
     if family == "qwen3":
         return transformers.Qwen3Config(head_dim=16, rope_theta=1e6, **kw)
