@@ -60,25 +60,26 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float32)
 
 
-def _check_gdn_shapes(q, k, v, g, beta, chunk_size=None, block_v=None):
-    """Validates GDN shapes for the Triton kernels; returns (ratio, block_v)."""
-    b, t, hk, dk = k.shape
-    hv, dv = v.shape[2], v.shape[3]
-    if q.shape != k.shape or v.shape[:2] != (b, t) or g.shape != (b, t, hv):
-        raise ValueError(f"bad GDN shapes q{q.shape} k{k.shape} v{v.shape} g{g.shape}")
-    if beta.shape != g.shape:
-        raise ValueError(f"beta {beta.shape} must match g {g.shape}")
+def _check_heads(hk: int, hv: int, dk: int, dv: int, block_v: int | None) -> tuple[int, int]:
+    """Checks the head layout against the Triton tile rules; returns (Hv // Hk, block_v)."""
     if hv % hk:
         raise UnsupportedShapeError(f"value heads Hv={hv} must be a multiple of key heads {hk}")
     require_power_of_two("key head_dim Dk", dk)
     require_power_of_two("value head_dim Dv", dv)
-    if chunk_size is not None:
-        require_power_of_two("chunk_size", chunk_size)
     block_v = min(dv, 64) if block_v is None else block_v
     require_power_of_two("block_v", block_v)
     if dv % block_v:
         raise UnsupportedShapeError(f"block_v={block_v} must divide value head_dim Dv={dv}")
     return hv // hk, block_v
+
+
+def _check_sequence_shapes(q, k, v, g, beta) -> None:
+    """q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g and beta [B, T, Hv]."""
+    b, t = k.shape[:2]
+    if q.shape != k.shape or v.shape[:2] != (b, t) or g.shape != (b, t, v.shape[2]):
+        raise ValueError(f"bad GDN shapes q{q.shape} k{k.shape} v{v.shape} g{g.shape}")
+    if beta.shape != g.shape:
+        raise ValueError(f"beta {beta.shape} must match g {g.shape}")
 
 
 # ------------------------------------------------------------------- chunked: prepare
@@ -196,9 +197,11 @@ def chunk_gated_delta_rule_pallas(
     Returns (o [B, T, Hv, Dv] in v.dtype, final_state [B, Hv, Dk, Dv] float32).
     Dk, Dv, chunk_size and block_v (default min(Dv, 64)) must be powers of two >= 16.
     """
-    ratio, block_v = _check_gdn_shapes(q, k, v, g, beta, chunk_size, block_v)
+    _check_sequence_shapes(q, k, v, g, beta)
     b, t, hv, dv = v.shape
     dk = k.shape[-1]
+    ratio, block_v = _check_heads(k.shape[2], hv, dk, dv, block_v)
+    require_power_of_two("chunk_size", chunk_size)
     scale = dk**-0.5 if scale is None else scale
     cd = _compute_dtype(v.dtype)
 
@@ -313,7 +316,7 @@ def _step_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, s_ref, o_ref, s_out_ref, 
     s_out_ref[...] = s
 
 
-def _step_specs(ratio: int, dk: int, block_v: int):
+def _step_specs(dk: int, block_v: int):
     """BlockSpecs shared by the decode kernels' g, beta, state and outputs."""
     scalar = pl.BlockSpec((None, None), lambda i, h, j: (i, h))
     state = pl.BlockSpec((None, None, dk, block_v), lambda i, h, j: (i, h, 0, j))
@@ -343,11 +346,9 @@ def gated_delta_rule_step_pallas(
     """
     b, hk, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
-    ratio, block_v = _check_gdn_shapes(
-        q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], None, block_v
-    )
+    ratio, block_v = _check_heads(hk, hv, dk, dv, block_v)
     scale = dk**-0.5 if scale is None else scale
-    scalar, state_spec, o_spec = _step_specs(ratio, dk, block_v)
+    scalar, state_spec, o_spec = _step_specs(dk, block_v)
     qk_spec = pl.BlockSpec((None, None, dk), lambda i, h, j: (i, h // ratio, 0))
     return pl.pallas_call(
         functools.partial(_step_kernel, scale=scale, l2=use_qk_l2norm),
@@ -443,10 +444,7 @@ def fused_conv_gdn_decode_step_pallas(
     dv = (channels - 2 * hk * dk) // hv
     if 2 * hk * dk + hv * dv != channels:
         raise ValueError(f"C={channels} is not 2*Hk*Dk + Hv*Dv for Hk={hk} Dk={dk} Hv={hv}")
-    ratio, block_v = _check_gdn_shapes(
-        jnp.zeros((b, 1, hk, dk)), jnp.zeros((b, 1, hk, dk)),
-        jnp.zeros((b, 1, hv, dv)), g[:, None], beta[:, None], None, block_v,
-    )  # fmt: skip
+    ratio, block_v = _check_heads(hk, hv, dk, dv, block_v)
     require_power_of_two("conv kernel size K", ksize, minimum=1)
     if conv_state.shape[-1] < ksize - 1:
         raise ValueError(f"conv_state keeps {conv_state.shape[-1]} steps, K={ksize} needs K-1")
@@ -472,7 +470,7 @@ def fused_conv_gdn_decode_step_pallas(
     bias_q = pl.BlockSpec((dk,), lambda i, h, j: (h // ratio,))
     bias_k = pl.BlockSpec((dk,), lambda i, h, j: (hk + h // ratio,))
     bias_v = pl.BlockSpec((block_v,), lambda i, h, j: (v0 + h * vpb + j,))
-    scalar, state_spec, o_spec = _step_specs(ratio, dk, block_v)
+    scalar, state_spec, o_spec = _step_specs(dk, block_v)
     o, new_state = pl.pallas_call(
         functools.partial(_fused_kernel, scale=scale, l2=use_qk_l2norm),
         grid=(b, hv, dv // block_v),

@@ -1,0 +1,272 @@
+"""Gated delta rule: pure-JAX references against Hugging Face's torch implementations, the
+forms against each other, and every Pallas kernel (interpret mode) against the reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+from jaxpar.kernels_pallas import dispatch
+from jaxpar.kernels_pallas import gated_delta_rule as ref
+from jaxpar.kernels_pallas import gated_delta_rule_pallas as gdn_pallas
+
+RTOL, ATOL = 1e-4, 1e-5  # float32
+
+
+def make_inputs(b, t, hk, hv, dk, dv, *, seed=0, dtype=np.float32):
+    """Random GDN inputs in the model's ranges: g <= 0 (log decay), beta in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
+    k = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
+    v = rng.standard_normal((b, t, hv, dv)).astype(np.float32)
+    g = -np.logaddexp(0, rng.standard_normal((b, t, hv))).astype(np.float32) * 0.5
+    beta = (1 / (1 + np.exp(-rng.standard_normal((b, t, hv))))).astype(np.float32)
+    s0 = (0.1 * rng.standard_normal((b, hv, dk, dv))).astype(np.float32)
+    cast = lambda x: jnp.asarray(x).astype(dtype)
+    return dict(q=cast(q), k=cast(k), v=cast(v), g=jnp.asarray(g), beta=jnp.asarray(beta), s0=s0)
+
+
+def hf_reference(x, *, chunked: bool):
+    """Runs transformers' torch_{chunk,recurrent}_gated_delta_rule on the same inputs."""
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
+    fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
+    o, s = fn(
+        t(x["q"]), t(x["k"]), t(x["v"]), t(x["g"]), t(x["beta"]),
+        initial_state=t(x["s0"]), output_final_state=True, use_qk_l2norm_in_kernel=True,
+    )  # fmt: skip
+    return o.numpy(), s.numpy()
+
+
+def run_ref(fn, x, **kw):
+    """Runs a reference under jit (much faster to trace once than to run op by op)."""
+    call = lambda x: fn(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=jnp.asarray(x["s0"]), **kw
+    )
+    return jax.jit(call)(x)
+
+
+def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=rtol, atol=atol)
+
+
+# (B, T, Hk, Hv, Dk, Dv): GQA with Hv = 2 Hk and T not a multiple of 64; T < 64; Hv = Hk
+# with T an exact multiple of the chunk.
+SHAPES = [(2, 100, 2, 4, 32, 16), (1, 37, 2, 4, 16, 32), (2, 128, 2, 2, 16, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_matches_hf(shape):
+    x = make_inputs(*shape)
+    o_hf, s_hf = hf_reference(x, chunked=True)
+    o, s = run_ref(ref.chunk_gated_delta_rule, x)
+    assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+    assert_close(o, o_hf)
+    assert_close(s, s_hf)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_recurrent_matches_hf(shape):
+    x = make_inputs(*shape)
+    o_hf, s_hf = hf_reference(x, chunked=False)
+    o, s = run_ref(ref.recurrent_gated_delta_rule, x)
+    assert_close(o, o_hf)
+    assert_close(s, s_hf)
+
+
+@pytest.mark.parametrize(
+    "chunk_size,chunks_per_step",
+    [(16, None), (64, None), (16, 4), (16, 100)],  # 4: pads 6 chunks to 8; 100: all at once
+)
+def test_chunked_equals_recurrent(chunk_size, chunks_per_step):
+    x = make_inputs(2, 90, 1, 3, 32, 32, seed=3)
+    o_c, s_c = run_ref(
+        ref.chunk_gated_delta_rule, x, chunk_size=chunk_size, chunks_per_step=chunks_per_step
+    )
+    o_r, s_r = run_ref(ref.recurrent_gated_delta_rule, x)
+    assert_close(o_c, np.asarray(o_r))
+    assert_close(s_c, np.asarray(s_r))
+
+
+def test_no_l2norm_and_custom_scale():
+    x = make_inputs(1, 20, 1, 2, 16, 16, seed=4)
+    # Without l2norm, keep |k| small so the recurrence stays contractive.
+    x["k"] = x["k"] * 0.2
+    kw = dict(use_qk_l2norm=False, scale=0.3)
+    o_c, s_c = run_ref(ref.chunk_gated_delta_rule, x, chunk_size=16, **kw)
+    o_r, s_r = run_ref(ref.recurrent_gated_delta_rule, x, **kw)
+    assert_close(o_c, np.asarray(o_r))
+    assert_close(s_c, np.asarray(s_r))
+
+
+def test_zero_initial_state_default():
+    x = make_inputs(1, 30, 1, 1, 16, 16, seed=5)
+    o1, s1 = jax.jit(ref.chunk_gated_delta_rule)(x["q"], x["k"], x["v"], x["g"], x["beta"])
+    x["s0"] = np.zeros_like(x["s0"])
+    o2, s2 = run_ref(ref.chunk_gated_delta_rule, x)
+    assert_close(o1, np.asarray(o2))
+    assert_close(s1, np.asarray(s2))
+
+
+def test_ragged_lengths_equal_rows_alone():
+    x = make_inputs(3, 70, 1, 2, 16, 16, seed=6)
+    lengths = jnp.array([70, 33, 0], jnp.int32)
+    o, s = run_ref(ref.chunk_gated_delta_rule, x, lengths=lengths)
+    for row, n in enumerate(np.asarray(lengths)):
+        alone = {key: val[row : row + 1, :n] for key, val in x.items() if key != "s0"}
+        alone["s0"] = x["s0"][row : row + 1]
+        if n == 0:
+            assert_close(s[row], x["s0"][row])  # no real token: state untouched
+        else:
+            o_a, s_a = run_ref(ref.chunk_gated_delta_rule, alone)
+            assert_close(o[row, :n], np.asarray(o_a[0]))
+            assert_close(s[row], np.asarray(s_a[0]))
+        assert not np.any(np.asarray(o[row, n:]))  # padding outputs are zero
+
+
+def test_decode_steps_equal_recurrent():
+    x = make_inputs(2, 6, 2, 4, 16, 8, seed=7)
+    state = jnp.asarray(x["s0"])
+    step = jax.jit(ref.gated_delta_rule_step)
+    outs = []
+    for t in range(6):
+        token = [x[name][:, t] for name in ("q", "k", "v", "g", "beta")]
+        o, state = step(*token, state)
+        outs.append(o)
+    o_r, s_r = run_ref(ref.recurrent_gated_delta_rule, x)
+    assert_close(jnp.stack(outs, 1), np.asarray(o_r))
+    assert_close(state, np.asarray(s_r))
+
+
+def conv_inputs(b, hk, dk, hv, dv, ksize, state_len, seed=8):
+    rng = np.random.default_rng(seed)
+    c = 2 * hk * dk + hv * dv
+    f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
+    return dict(
+        mixed_qkv=f(b, c), conv_state=f(b, c, state_len), conv_weight=0.5 * f(c, ksize),
+        conv_bias=0.1 * f(c), g=-0.3 * jnp.abs(f(b, hv)), beta=jax.nn.sigmoid(f(b, hv)),
+        state=0.1 * f(b, hv, dk, dv),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("state_len", [4, 3])  # HF keeps K inputs, vLLM K - 1
+def test_fused_conv_decode_reference_matches_hf(state_len):
+    hk, dk, hv, dv = 1, 16, 2, 16
+    x = conv_inputs(2, hk, dk, hv, dv, 4, state_len)
+    kw = dict(num_k_heads=hk, head_k_dim=dk, num_v_heads=hv)
+    o, conv_state, state = jax.jit(lambda x: ref.fused_conv_gdn_decode_step(**x, **kw))(x)
+    # HF: causal_conv1d_update (SiLU) on [B, C, 1], then the recurrent rule on one token.
+    t = lambda a: torch.from_numpy(np.array(a))
+    hf_state = t(x["conv_state"])
+    y = hf.causal_conv1d_update(
+        t(x["mixed_qkv"])[..., None], hf_state, t(x["conv_weight"]), t(x["conv_bias"]), "silu"
+    )[..., 0]
+    qk = hk * dk
+    q_hf = y[:, :qk].reshape(2, 1, hk, dk)
+    k_hf = y[:, qk : 2 * qk].reshape(2, 1, hk, dk)
+    v_hf = y[:, 2 * qk :].reshape(2, 1, hv, dv)
+    o_hf, s_hf = hf.torch_recurrent_gated_delta_rule(
+        q_hf, k_hf, v_hf, t(x["g"])[:, None], t(x["beta"])[:, None],
+        initial_state=t(x["state"]), output_final_state=True, use_qk_l2norm_in_kernel=True,
+    )  # fmt: skip
+    assert_close(o, o_hf[:, 0].numpy())
+    assert_close(state, s_hf.numpy())
+    assert_close(conv_state, hf_state.numpy())  # HF shifts its conv state in place
+
+
+# ------------------------------------------------------------------------ Pallas kernels
+
+
+def run_pallas_chunk(x, **kw):
+    fn = lambda x: gdn_pallas.chunk_gated_delta_rule_pallas(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=jnp.asarray(x["s0"]),
+        interpret=True, **kw,
+    )  # fmt: skip
+    return jax.jit(fn)(x)
+
+
+@pytest.mark.parametrize(
+    "shape,chunk,block_v",
+    [((2, 40, 1, 2, 16, 32), 16, 16), ((1, 20, 2, 2, 32, 16), 32, None)],
+)
+def test_pallas_chunk_matches_reference(shape, chunk, block_v):
+    x = make_inputs(*shape, seed=9)
+    lengths = jnp.array([shape[1], shape[1] // 2 + 1][: shape[0]], jnp.int32)
+    o, s = run_pallas_chunk(x, lengths=lengths, chunk_size=chunk, block_v=block_v)
+    o_r, s_r = run_ref(ref.chunk_gated_delta_rule, x, lengths=lengths)
+    assert_close(o, np.asarray(o_r))
+    assert_close(s, np.asarray(s_r))
+
+
+def test_pallas_chunk_bf16():
+    x = make_inputs(1, 40, 1, 2, 16, 16, seed=10, dtype=jnp.bfloat16)
+    o, s = run_pallas_chunk(x, chunk_size=16)
+    o_r, s_r = run_ref(ref.chunk_gated_delta_rule, x)
+    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    # bf16 matmul operands (float32 accumulation) against an all-float32 reference.
+    assert_close(o, np.asarray(o_r, np.float32), rtol=5e-2, atol=5e-2)
+    assert_close(s, np.asarray(s_r), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, ATOL), (jnp.bfloat16, 2e-2)])
+def test_pallas_decode_step_matches_reference(dtype, tol):
+    x = make_inputs(2, 1, 2, 4, 16, 32, seed=11, dtype=dtype)
+    args = [x[n][:, 0] for n in ("q", "k", "v", "g", "beta")] + [jnp.asarray(x["s0"])]
+    run = jax.jit(lambda *a: gdn_pallas.gated_delta_rule_step_pallas(*a, block_v=16, interpret=True))
+    o, s = run(*args)
+    o_r, s_r = jax.jit(ref.gated_delta_rule_step)(*args)
+    assert o.dtype == dtype
+    assert_close(o, np.asarray(o_r, np.float32), rtol=tol, atol=tol)
+    assert_close(s, np.asarray(s_r), rtol=RTOL, atol=ATOL)
+
+
+def test_pallas_fused_conv_decode_matches_reference():
+    hk, dk, hv, dv = 2, 16, 4, 16
+    x = conv_inputs(2, hk, dk, hv, dv, 4, 3)
+    kw = dict(num_k_heads=hk, head_k_dim=dk, num_v_heads=hv)
+    run = jax.jit(lambda x: gdn_pallas.fused_conv_gdn_decode_step_pallas(**x, **kw, interpret=True))
+    o, c, s = run(x)
+    o_r, c_r, s_r = jax.jit(lambda x: ref.fused_conv_gdn_decode_step(**x, **kw))(x)
+    assert_close(o, np.asarray(o_r))
+    assert_close(c, np.asarray(c_r), rtol=0, atol=0)
+    assert_close(s, np.asarray(s_r))
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def test_dispatch_reference_and_interpret_agree():
+    x = make_inputs(1, 24, 1, 2, 16, 16, seed=12)
+    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
+    run = jax.jit(
+        dispatch.gated_delta_rule_chunked, static_argnames=("chunk_size", "impl", "interpret")
+    )
+    o_r, s_r = run(*args, chunk_size=16, impl="reference")
+    o_p, s_p = run(*args, chunk_size=16, impl="pallas", interpret=True)
+    assert_close(o_p, np.asarray(o_r))
+    assert_close(s_p, np.asarray(s_r))
+    if jax.default_backend() != "gpu":  # on CPU "auto" is the reference
+        o_a, _ = run(*args, chunk_size=16)
+        assert_close(o_a, np.asarray(o_r), rtol=0, atol=0)
+
+
+def test_dispatch_pallas_without_gpu_raises():
+    if jax.default_backend() == "gpu":
+        pytest.skip("has a GPU")
+    x = make_inputs(1, 4, 1, 1, 16, 16)
+    with pytest.raises(dispatch.PallasUnavailableError, match="needs a GPU"):
+        dispatch.gated_delta_rule_chunked(x["q"], x["k"], x["v"], x["g"], x["beta"], impl="pallas")
+
+
+def test_dispatch_unsupported_shape_is_loud():
+    x = make_inputs(1, 8, 1, 1, 24, 16)  # Dk = 24 is not a power of two
+    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
+    run = jax.jit(dispatch.gated_delta_rule_chunked, static_argnames=("impl", "interpret"))
+    with pytest.raises(dispatch.UnsupportedShapeError, match="Dk=24"):
+        run(*args, impl="pallas", interpret=True)
+    with pytest.warns(dispatch.KernelFallbackWarning, match="Dk=24"):
+        o, _ = run(*args, impl="auto", interpret=True)
+    assert_close(o, np.asarray(jax.jit(ref.chunk_gated_delta_rule)(*args)[0]))
