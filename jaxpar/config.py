@@ -293,15 +293,19 @@ def config_from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    """The raw `config.json` dict of an HF model folder."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json in {model_dir} (expected a Hugging Face model folder)")
     try:
-        hf = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return config_from_hf_dict(hf)
+        raise ConfigError(f"{path} is not valid JSON (truncated?): {e}") from e
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    return config_from_hf_dict(read_hf_config(model_dir))
 
 
 def _validate(cfg: ModelConfig) -> None:

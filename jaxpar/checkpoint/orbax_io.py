@@ -34,7 +34,7 @@ from flax import nnx
 
 from jaxpar.checkpoint.atomic import (ConversionError, UnsupportedModelError, atomic_directory,
                                       check_destination)
-from jaxpar.config import ModelConfig, config_from_hf_dict
+from jaxpar.config import ConfigError, ModelConfig, config_from_hf_dict, read_hf_config
 from jaxpar.loading.loader import IGNORED_SUFFIXES, hf_name, read_block
 from jaxpar.loading.sources import CheckpointError, TensorSource
 
@@ -186,13 +186,10 @@ def _open_source(src: str | Path) -> _Source:
             hf.setdefault("architectures", [GGUF_ARCHITECTURES[hf["model_type"]]])
         return _Source(path, "gguf", hf, reader)
     if path.is_dir():
-        cfg_file = path / HF_CONFIG
-        if not cfg_file.is_file():
-            raise ConversionError(f"no config.json in {path} (expected a Hugging Face model folder)")
         try:
-            hf = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{cfg_file} is not valid JSON (truncated?): {e}") from e
+            hf = read_hf_config(path)
+        except ConfigError as e:
+            raise ConversionError(str(e)) from e
         return _Source(path, "safetensors", hf)
     raise ConversionError(f"{path} is neither an HF model folder nor a .gguf file")
 
