@@ -33,25 +33,10 @@ import os
 import sys
 
 
-def _force_cpu_devices(n: int) -> None:
-    """Must run before JAX is imported: n host-platform devices, CPU only."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={n}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
 if __name__ == "__main__":
-    _n = 8
-    for _i, _a in enumerate(sys.argv):  # --devices N, read before argparse (JAX is not imported yet)
-        if _a == "--devices" and _i + 1 < len(sys.argv):
-            _n = int(sys.argv[_i + 1])
-        elif _a.startswith("--devices="):
-            _n = int(_a.split("=", 1)[1])
-    _force_cpu_devices(_n)
+    from cpu_devices import force_cpu_devices_from_argv
+
+    force_cpu_devices_from_argv(8)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
