@@ -14,14 +14,17 @@ import pytest  # noqa: E402
 
 from tests import hf_models  # noqa: E402
 
-STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"
+# stories260K's real weights ship with the repository (tests/data/stories260K/SOURCE.md).
+STORIES = Path(__file__).resolve().parent / "data" / "stories260K"
 
 
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
-    if not (STORIES / "model.safetensors").is_file():
-        pytest.skip("../shared/models/stories260K is absent")
-    return STORIES.resolve()
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (STORIES / f).is_file()]
+    if missing:
+        pytest.fail(f"the stories260K fixture is incomplete: {missing} missing under {STORIES} "
+                    "(it ships with the repository; restore it from git)")
+    return STORIES
 
 
 @pytest.fixture(scope="session")
