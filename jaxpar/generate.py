@@ -78,27 +78,30 @@ def _decode_logits(graphdef, state, tokens, cache: Cache):
                  mode="decode", last_only=True)
 
 
-def _prefill(graphdef, state, tokens, lengths, cache, seed_step, temperature, top_k, top_p, *,
-             mode=None):
-    """One program: prefill and sampling (`mode` as in `_sample`)."""
-    logits, cache = _prefill_logits(graphdef, state, tokens, lengths, cache)
-    return _sample(logits, seed_step, temperature, top_k, top_p, mode), cache
-
-
-def _decode(graphdef, state, tokens, cache: Cache, seed_step, temperature, top_k, top_p, *,
-            mode=None):
-    """One program: a decode step and sampling (`mode` as in `_sample`)."""
-    logits, cache = _decode_logits(graphdef, state, tokens, cache)
-    return _sample(logits, seed_step, temperature, top_k, top_p, mode), cache
-
-
-def _with_argmax(step, treedef):
+def _with_argmax(step, treedef, name: str):
     """A program over the state's leaves (a flat list crosses the jit boundary far faster
     than an nnx.State), returning the greedy tokens, the logits and the cache."""
     def run(leaves, *args):
         logits, cache = step(jax.tree.unflatten(treedef, leaves), *args)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
+    run.__name__ = run.__qualname__ = name  # names the compiled module (jit_prefill, jit_decode)
     return run
+
+
+def model_programs(graphdef, treedef) -> tuple[Callable, Callable]:
+    """The two jitted programs generation runs, for a model split into `graphdef` and a
+    state whose flattened structure is `treedef`:
+
+    - prefill(leaves, tokens [B, T], lengths [B], cache) -> (greedy [B], logits [B, V], cache)
+    - decode(leaves, tokens [B], cache) -> (greedy [B], logits [B, V], cache)
+
+    The cache is donated. `jaxpar plan` compiles these same programs on abstract inputs.
+    """
+    prefill = jax.jit(_with_argmax(functools.partial(_prefill_logits, graphdef), treedef, "prefill"),
+                      donate_argnums=3)
+    decode = jax.jit(_with_argmax(functools.partial(_decode_logits, graphdef), treedef, "decode"),
+                     donate_argnums=2)
+    return prefill, decode
 
 
 class Generator:
@@ -127,10 +130,7 @@ class Generator:
         if self._flat_of is not self.state:
             leaves, treedef = jax.tree.flatten(self.state)
             if self._treedef is None or treedef != self._treedef:
-                self.prefill = jax.jit(_with_argmax(functools.partial(_prefill_logits, self.graphdef),
-                                                    treedef), donate_argnums=3)
-                self.decode = jax.jit(_with_argmax(functools.partial(_decode_logits, self.graphdef),
-                                                   treedef), donate_argnums=2)
+                self.prefill, self.decode = model_programs(self.graphdef, treedef)
                 self._treedef = treedef
             self._flat_of, self._leaves = self.state, leaves
         return self._leaves

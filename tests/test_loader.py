@@ -23,7 +23,7 @@ from jaxpar.loading.sources import CheckpointError, SafetensorsSource
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.models.params import AS_IS, LINEAR, HFLayout
-from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.sharding.resolve import plain_tp
 from tests import hf_models
 
 IDS = np.random.default_rng(0).integers(3, 256, size=(2, 9)).astype(np.int32)
@@ -270,7 +270,7 @@ def test_replicated_tensors_are_read_once_on_8_devices(tiny_models):
     cfg = load_config(path)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("tp",),
                              axis_types=(jax.sharding.AxisType.Auto,))
-    sharding = ModelSharding.plain_tp(cfg, mesh)
+    sharding = plain_tp(cfg, mesh)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, jnp.float32, sharding, RuntimeOptions()))
     _, state = nnx.split(abstract)
     source = CountingSource(path)

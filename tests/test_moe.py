@@ -16,8 +16,7 @@ from jaxpar.config import config_from_hf_dict
 from jaxpar.loading import loader
 from jaxpar.loading.sources import SafetensorsSource
 from jaxpar.models.moe import SparseMoE
-from jaxpar.sharding.model_sharding import ModelSharding
-from jaxpar.sharding.resolve import build_sharding, resolve_plans
+from jaxpar.sharding.resolve import build_sharding, plain_tp, resolve_plans
 from jaxpar.sharding.rules import RuleTableError, parse_rule_table
 
 PREFIX = "model.layers.0.mlp."
@@ -115,7 +114,7 @@ def moe_setups(tmp_path_factory):
 
 
 def _one_device_rules(cfg):
-    return ModelSharding.plain_tp(cfg).layers[0].ffn
+    return plain_tp(cfg).layers[0].ffn
 
 
 IMPL_INPUTS = {"dense": X, "gather": X_DECODE}

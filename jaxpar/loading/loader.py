@@ -1,15 +1,23 @@
 """Checkpoint tensors -> sharded parameters of an abstract model.
 
-For every parameter the loader asks the sharding for its `NamedSharding`, then builds the
-array with `jax.make_array_from_callback`: each device's callback reads only that
-device's block from the source (through the parameter's layout, `jaxpar.loading.layouts`). Blocks that several
-devices share (replication) are read once. Nothing is ever held whole on the host beyond
-one tensor's block.
+Loading is two steps, shared by `jaxpar.load` and the Orbax converter:
+
+1. `plan_reads` checks every parameter against the checkpoint before any data is read
+   (names through the parameter's layout, `jaxpar.loading.layouts`; tensors the model
+   would not use; shapes), so a bad checkpoint fails at once, not after minutes.
+2. `place_param` builds one parameter with `jax.make_array_from_callback`: each device's
+   callback reads only that device's block from the source. Blocks that several devices
+   share (replication) are read once. Nothing is held whole on the host beyond one block.
+
+Where each parameter goes comes from the caller: anything with
+`rules_for_param(path) -> rules` whose `rules.sharding(logical_axes)` is a `NamedSharding`
+(the model's `ModelSharding`); the loader itself knows nothing about meshes or plans.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import dataclasses
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +26,6 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.loading.sources import CheckpointError, Index, TensorSource
-from jaxpar.loading.layouts import HFLayout
-from jaxpar.sharding.model_sharding import ModelSharding
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -27,52 +33,103 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 ParamPath = tuple
 
 
+class ParamShardings(Protocol):
+    """Which sharding each parameter gets (`jaxpar.sharding.model_sharding.ModelSharding`)."""
+
+    def rules_for_param(self, path: ParamPath) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRead:
+    """One parameter of the model and the checkpoint tensor(s) it is read from."""
+
+    path: ParamPath  # nnx state path, e.g. ("layers", 0, "self_attn", "q_proj", "weight")
+    hf_base: str  # the parameter's default HF name; its layout resolves the real name(s)
+    hf_names: tuple[str, ...]
+    shape: tuple[int, ...]  # ours
+    layout: Any  # HFLayout / ExpertStack (jaxpar.loading.layouts)
+    logical_axes: tuple[str | None, ...]
+
+    @property
+    def key(self) -> str:
+        """"layers/0/self_attn/q_proj/weight"."""
+        return "/".join(str(p) for p in self.path)
+
+
 def hf_name(cfg: ModelConfig, path: ParamPath) -> str:
     dotted = ".".join(str(p) for p in path)
     return dotted if path[0] == "lm_head" else cfg.weight_prefix + dotted
 
 
-def read_block(source: TensorSource, name: str, layout: HFLayout, our_shape: tuple[int, ...],
+def read_block(source: TensorSource, name: str, layout, our_shape: tuple[int, ...],
                index: Index) -> np.ndarray:
-    """Reads `ours[index]` of the parameter whose HF tensor is `name`."""
+    """Reads `ours[index]` of the parameter whose default HF name is `name`."""
     return layout.read(source, name, our_shape, index)
 
 
-def load_params(state: nnx.State, cfg: ModelConfig, source: TensorSource, sharding: ModelSharding,
-                dtype, progress: Callable[[Iterable], Iterable] | None = None) -> nnx.State:
-    """Fills an abstract `state` (from `nnx.eval_shape`) with sharded arrays from `source`."""
+def plan_reads(state: nnx.State, cfg: ModelConfig, source: TensorSource) -> list[ParamRead]:
+    """Every parameter of the abstract `state` with the checkpoint tensors it needs, checked
+    against `source` (names, unused tensors, shapes) without reading any data."""
     available = set(source.names())
-    flat = list(nnx.to_flat_state(state))
-    # Check names and shapes of everything before reading any data: a bad checkpoint
-    # fails at once, not after minutes of loading.
-    bases = [hf_name(cfg, path) for path, _ in flat]
-    wanted = [var.hf_layout.names(base, available) for base, (_, var) in zip(bases, flat)]
-    missing = [(n, p) for names, (p, _) in zip(wanted, flat) for n in names if n not in available]
+    reads = []
+    for path, var in nnx.to_flat_state(state):
+        base = hf_name(cfg, path)
+        reads.append(ParamRead(tuple(path), base, tuple(var.hf_layout.names(base, available)),
+                               tuple(var.get_value().shape), var.hf_layout, tuple(var.logical_axes)))
+    missing = [(n, r) for r in reads for n in (r.hf_names or (r.hf_base,)) if n not in available]
     if missing:
-        name, path = missing[0]
+        name, r = missing[0]
         more = f" (and {len(missing) - 1} more: {[n for n, _ in missing[1:6]]})" if len(missing) > 1 else ""
-        raise CheckpointError(f"tensor {name} (parameter {'/'.join(map(str, path))}) is missing "
-                              f"from the checkpoint{more}")
-    consumed = {n for names in wanted for n in names}
+        raise CheckpointError(f"tensor {name} (parameter {r.key}) is missing from the checkpoint{more}")
+    consumed = {n for r in reads for n in r.hf_names}
     unexpected = sorted(n for n in available - consumed
                         if not n.endswith(IGNORED_SUFFIXES) and not _tied_duplicate(cfg, n)
                         and not n.startswith(cfg.skipped_weight_prefixes))
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s) the model does "
                               f"not use: {unexpected[:8]}")
-    for base, names, (path, var) in zip(bases, wanted, flat):
-        problem = var.hf_layout.mismatch(source, base, tuple(var.get_value().shape))
+    for r in reads:
+        problem = r.layout.mismatch(source, r.hf_base, r.shape)
         if problem:
-            raise CheckpointError(f"tensor {names[0]} has shape {source.shape(names[0])}, but the config "
-                                  f"implies {problem} (parameter {'/'.join(map(str, path))})")
-    items = progress(list(zip(bases, flat))) if progress else list(zip(bases, flat))
-    loaded = []
-    for base, (path, var) in items:
-        named = sharding.rules_for_param(path).sharding(var.logical_axes)
-        loaded.append((path, _place(source, base, var.hf_layout, tuple(var.get_value().shape),
-                                    named, dtype)))
+            raise CheckpointError(f"tensor {r.hf_names[0]} has shape {tuple(source.shape(r.hf_names[0]))}, "
+                                  f"which does not fit parameter {r.key}: the config implies {problem}")
+    return reads
+
+
+def place_param(source: TensorSource, read: ParamRead, sharding: jax.sharding.Sharding,
+                dtype) -> jax.Array:
+    """One parameter on its sharding, each device's block read from `source` (blocks shared
+    by several devices read once) and cast to `dtype`."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def callback(index: Index) -> np.ndarray:
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, read.shape))
+        if key not in blocks:
+            try:
+                block = read.layout.read(source, read.hf_base, read.shape, index)
+            except CheckpointError:
+                raise
+            except Exception as e:  # safetensors / GGUF readers raise their own types
+                raise CheckpointError(f"cannot read {read.hf_names[0]} for parameter {read.key}: {e}") from e
+            blocks[key] = np.ascontiguousarray(block.astype(np_dtype, copy=False))
+        return blocks[key]
+
+    return jax.make_array_from_callback(read.shape, sharding, callback)
+
+
+def param_sharding(shardings: ParamShardings, read: ParamRead) -> jax.sharding.Sharding:
+    return shardings.rules_for_param(read.path).sharding(read.logical_axes)
+
+
+def load_params(state: nnx.State, cfg: ModelConfig, source: TensorSource, sharding: ParamShardings,
+                dtype, progress: Callable[[Iterable], Iterable] | None = None) -> nnx.State:
+    """Fills an abstract `state` (from `nnx.eval_shape`) with sharded arrays from `source`."""
+    reads = plan_reads(state, cfg, source)
+    loaded = [(r.path, place_param(source, r, param_sharding(sharding, r), dtype))
+              for r in (progress(reads) if progress else reads)]
     for path, array in loaded:
-        _set_path(state, path, array)
+        set_param(state, path, array)
     return state
 
 
@@ -87,21 +144,7 @@ def _tied_duplicate(cfg: ModelConfig, name: str) -> bool:
     return cfg.tie_word_embeddings and name == "lm_head.weight"
 
 
-def _place(source: TensorSource, name: str, layout: HFLayout, shape: tuple[int, ...],
-           sharding: jax.sharding.NamedSharding, dtype) -> jax.Array:
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    blocks: dict[tuple, np.ndarray] = {}
-
-    def callback(index: Index) -> np.ndarray:
-        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
-        if key not in blocks:  # replicated blocks are read once
-            blocks[key] = np.ascontiguousarray(layout.read(source, name, shape, index).astype(np_dtype))
-        return blocks[key]
-
-    return jax.make_array_from_callback(shape, sharding, callback)
-
-
-def _set_path(state: nnx.State, path: ParamPath, value: jax.Array) -> None:
+def set_param(state: nnx.State, path: Sequence, value: jax.Array) -> None:
     node = state
     for p in path[:-1]:
         node = node[p]

@@ -16,10 +16,9 @@ from flax import nnx
 from jaxpar.loading.layouts import HFLayout
 
 
-# HF Linear weights are [out, in]; ours are [in, ...out] (x @ w).
+# HF Linear weights are [out, in]; ours are [...in, ...out] (x @ w), column- and
+# row-parallel projections alike (which dims are split is the logical axes' business).
 LINEAR = HFLayout(perm=(1, 0))
-# Row-parallel projections (o_proj, down_proj): HF [out, in] -> ours [...in, out].
-LINEAR_ROW = HFLayout(perm=(1, 0))
 AS_IS = HFLayout()
 
 

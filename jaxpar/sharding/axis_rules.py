@@ -55,14 +55,3 @@ class AxisRules:
             return x
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes))
 
-    def with_rules(self, **overrides: MeshAxes) -> "AxisRules":
-        kept = tuple((k, v) for k, v in self.rules if k not in overrides)
-        return AxisRules(self.mesh, kept + tuple(overrides.items()))
-
-
-def single_device_mesh(device: jax.Device | None = None) -> Mesh:
-    import numpy as np
-
-    device = device or jax.devices()[0]
-    return Mesh(np.array([device]).reshape(1), ("tp",),
-                axis_types=(jax.sharding.AxisType.Auto,))

@@ -1,15 +1,16 @@
 """`jaxpar plan`: what a policy does to a model, computed without loading any weight.
 
-Per block: the plan and the rule that chose it; per parameter: its PartitionSpec and
-bytes per device; the KV-cache bytes per device; and the collectives (count and bytes by
-kind) of one prefill and one decode step, read from the compiled HLO.
+Per block: the plan and the rule that chose it; per parameter: its PartitionSpec and bytes per device; the KV-cache bytes per
+device; and the collectives (count and bytes by kind) of one prefill and one decode step,
+read from the compiled HLO of the very programs generation runs
+(`jaxpar.generate.model_programs`). This module sits above the models (beside
+`jaxpar.generate`), not with the rest of `jaxpar.sharding`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 import re
 from pathlib import Path
@@ -20,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpar.assembly import abstract_model, make_sharding, open_config, resolve_dtype
 from jaxpar.config import ModelConfig
-from jaxpar.models.decoder import CausalLM, cache_shapes
+from jaxpar.generate import model_programs
+from jaxpar.models.decoder import cache_shapes
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.sharding.model_sharding import ModelSharding
 
@@ -109,24 +112,13 @@ def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
     return dict(stats)
 
 
-def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
-                   options: RuntimeOptions = RuntimeOptions()):
-    """(graphdef, state of ShapeDtypeStructs carrying their shardings) — nothing allocated."""
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype, sharding, options))
-    graphdef, state = nnx.split(abstract)
-    for path, var in nnx.to_flat_state(state):
-        value = var.get_value()
-        named = sharding.rules_for_param(path).sharding(var.logical_axes)
-        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=named))
-    return graphdef, state
-
-
 def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: int, seq: int,
                      options: RuntimeOptions = RuntimeOptions()):
-    """Compiles one prefill (`seq` tokens) and one decode step; returns their collectives."""
-    from jaxpar.generate import _decode, _prefill
-
+    """Compiles generation's prefill (`seq` tokens) and decode programs on abstract inputs;
+    returns their collectives."""
     graphdef, state = abstract_model(cfg, sharding, dtype, options)
+    leaves, treedef = jax.tree.flatten(state)
+    prefill, decode = model_programs(graphdef, treedef)
     # Room for the prefill plus one decoded token, kept a multiple of the DCP / SP degree.
     cache = cache_shapes(cfg, sharding, batch, seq + sharding.seq_multiple, dtype)
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -134,15 +126,9 @@ def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: in
     def arr(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
 
-    seed_step = arr((2,), jnp.int32)
-    sampling = (arr((), jnp.float32), arr((), jnp.int32), arr((), jnp.float32))
-    mode = (True, False)
-    prefill = jax.jit(functools.partial(_prefill, mode=mode), static_argnums=0)
-    decode = jax.jit(functools.partial(_decode, mode=mode), static_argnums=0)
-    pre_hlo = prefill.lower(graphdef, state, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
-                            cache, seed_step, *sampling).compile().as_text()
-    dec_hlo = decode.lower(graphdef, state, arr((batch,), jnp.int32), cache, seed_step,
-                           *sampling).compile().as_text()
+    pre_hlo = prefill.lower(leaves, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
+                            cache).compile().as_text()
+    dec_hlo = decode.lower(leaves, arr((batch,), jnp.int32), cache).compile().as_text()
     return collective_stats(pre_hlo), collective_stats(dec_hlo)
 
 
@@ -172,8 +158,6 @@ def plan_report(cfg: ModelConfig, sharding: ModelSharding, *, batch: int = 1, se
 def plan(model: str | Path, policy=None, *, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",
          devices: Sequence[jax.Device] | None = None, collectives: bool = True) -> PlanReport:
     """`jaxpar plan` as a function: reads only the model's config, never its weights."""
-    from jaxpar.api import make_sharding, open_config, resolve_dtype
-
     cfg = open_config(model)
     sharding = make_sharding(cfg, policy, devices=devices)
     return plan_report(cfg, sharding, batch=batch, seq=seq, dtype=resolve_dtype(dtype, cfg),

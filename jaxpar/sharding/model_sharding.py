@@ -1,5 +1,6 @@
 """The resolved sharding of a whole model: `AxisRules` for every block. The rule table
-resolves to this (`jaxpar.sharding.resolve.build_sharding`); models only read it."""
+resolves to this (`jaxpar.sharding.resolve.build_sharding`, or `resolve.plain_tp`);
+models only read it."""
 
 from __future__ import annotations
 
@@ -27,20 +28,6 @@ class ModelSharding:
     # The resolved per-block plans (jaxpar.sharding.resolve.LayerPlan), for reports.
     plans: tuple[Any, ...] = ()
     table_name: str = "tp"
-
-    @classmethod
-    def plain_tp(cls, cfg, mesh_or_devices=None) -> "ModelSharding":
-        """Every block tensor-parallel over all the given devices (default: one device)."""
-        import jax
-
-        from jaxpar.sharding.resolve import build_sharding
-        from jaxpar.sharding.rules import preset
-
-        if isinstance(mesh_or_devices, Mesh):
-            devices = list(mesh_or_devices.devices.flat)
-        else:
-            devices = list(mesh_or_devices or jax.devices()[:1])
-        return build_sharding(preset("tp", len(devices)), cfg, devices)
 
     def _all_rules(self):
         for layer in self.layers:

