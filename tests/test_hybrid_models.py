@@ -115,20 +115,23 @@ GDN_POLICIES = {
 }
 
 
+# MoE plans as the per-layer policy RFC reads them: tp_size = the block's devices, ep_size =
+# expert groups among them, each expert's ffn split tp_size / ep_size ways.
 EP_POLICIES = {
-    "ep2": {"axes": {"tp": 2, "ep": 2}, "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}}]},
+    "ep2": {"axes": {"tp": 2, "ep": 2}, "rules": [{"match": {"kind": "moe"}, "plan": {"tp_size": "tp", "ep_size": "ep"}}]},
     "ep4-gdn-replicated": {"axes": {"tp": 4, "ep": 4},
-                           "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}},
+                           "rules": [{"match": {"kind": "moe"}, "plan": {"tp_size": "tp", "ep_size": "ep"}},
                                      {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 1}}]},
     "ep8": {"axes": {"tp": 8, "ep": 8},
-            "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}},
+            "rules": [{"match": {"kind": "moe"}, "plan": {"tp_size": "tp", "ep_size": "ep"}},
                       {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 4}},
                       {"match": {"kind": "attention"}, "plan": {"tp_size": 4}}]},
-    # Attention TPA+DCP, GDN split by key heads and MoE EP with TP inside each expert, in one table.
+    # Attention TPA+DCP, GDN split by key heads and MoE EP with TP inside each expert
+    # (8 devices, 4 expert groups, 2 devices per expert), in one table.
     "mixed": {"axes": {"tp": 8, "attn_tp": 4, "dcp": 2, "ep": 4},
               "rules": [{"match": {"kind": "attention"}, "plan": {"tp_size": "attn_tp", "dcp_size": "dcp"}},
                         {"match": {"kind": "linear_attention"}, "plan": {"tp_size": 4}},
-                        {"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 2}}]},
+                        {"match": {"kind": "moe"}, "plan": {"tp_size": "tp", "ep_size": "ep"}}]},
 }
 
 

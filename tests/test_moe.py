@@ -1,5 +1,7 @@
 """Sparse MoE block: parity with HF's sparse MoE blocks (loaded through the real loader from
-per-expert and fused checkpoints), expert parallelism on 8 devices, and the rule-table checks."""
+per-expert and fused checkpoints), expert parallelism on 2 and 8 devices under the RFC's
+reading of a MoE plan (`tp_size` = the block's devices, `ep_size` = expert groups among them,
+each expert's ffn split tp_size / ep_size ways), and the rule-table checks."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from jaxpar.loading import loader
 from jaxpar.loading.sources import SafetensorsSource
 from jaxpar.models.moe import SparseMoE
 from jaxpar.sharding.resolve import build_sharding, plain_tp, resolve_plans
-from jaxpar.sharding.rules import RuleTableError, parse_rule_table
+from jaxpar.sharding.rules import RuleTableError, parse_rule_table, preset
 
 PREFIX = "model.layers.0.mlp."
 # 16 experts, top-4, expert ffn 16, shared expert ffn 24 (Qwen3-Next); other blocks sized so
@@ -158,30 +160,59 @@ def test_router_matches_hf(moe_setups):
         np.testing.assert_allclose(np.asarray(w), hf_w.numpy(), rtol=1e-6, atol=1e-7)
 
 
-# (rule-table moe plan or None for the default, expected (experts shards, expert_ffn shards)).
+# name -> (axes, moe plan or None for the default, devices,
+#          expected (expert groups, ways each expert's ffn is split, shared-expert ffn split)).
 EP_PLANS = {
-    "default (replicated experts, tp=8 inside)": (None, (1, 8)),
-    "ep=2 x tp=4": ({"ep_size": "ep"}, (2, 4)),
-    "ep=4 x tp=2": ({"ep_size": "ep"}, (4, 2)),
-    "ep=8": ({"ep_size": "ep"}, (8, 1)),
-    "ep=2, tp=1 (4 replicas)": ({"ep_size": "ep", "tp_size": 1}, (2, 1)),
+    "default (replicated experts, tp=8 inside)": ({"tp": 8}, None, 8, (1, 8, 8)),
+    "{tp_size: tp, ep_size: ep}, ep=2: TP 4 inside each expert": (
+        {"tp": 8, "ep": 2}, {"tp_size": "tp", "ep_size": "ep"}, 8, (2, 4, 8)),
+    "{tp_size: tp, ep_size: ep}, ep=4: TP 2 inside each expert": (
+        {"tp": 8, "ep": 4}, {"tp_size": "tp", "ep_size": "ep"}, 8, (4, 2, 8)),
+    "ep=8 over 8 devices (pure EP)": ({"tp": 8, "ep": 8}, {"tp_size": "tp", "ep_size": "ep"}, 8, (8, 1, 8)),
+    "{tp_size: 2, ep_size: 2} on 2 devices (pure EP)": ({"tp": 2, "ep": 2}, {"tp_size": 2, "ep_size": 2}, 2, (2, 1, 2)),
+    "{tp_size: 2, ep_size: 2} on 8 devices (4 copies)": ({"tp": 8}, {"tp_size": 2, "ep_size": 2}, 8, (2, 1, 2)),
 }
 
 
 @pytest.mark.parametrize("name", list(EP_PLANS))
 def test_expert_parallel_equals_one_device(moe_setups, one_device, name):
-    plan, (n_ep, n_tp) = EP_PLANS[name]
-    axes = {"tp": 8, "ep": n_ep}
+    axes, plan, n_devices, (n_ep, n_expert_tp, n_shared) = EP_PLANS[name]
     table = parse_rule_table({"axes": axes, "rules": [] if plan is None else [{"match": {"kind": "moe"}, "plan": plan}]})
     for family in ("qwen3_moe", "qwen3_next"):
         cfg, _, folders = moe_setups[family]
-        rules = build_sharding(table, cfg, jax.devices()).layers[0].ffn
-        assert (rules.size("experts"), rules.size("expert_ffn")) == (n_ep, n_tp)
+        rules = build_sharding(table, cfg, jax.devices()[:n_devices]).layers[0].ffn
+        assert (rules.size("experts"), rules.size("expert_ffn"), rules.size("ffn")) == (n_ep, n_expert_tp, n_shared)
         fmt = "per_expert" if family == "qwen3_moe" else "fused"
         for impl, x in IMPL_INPUTS.items():
             block = _load_block(cfg, folders[fmt], rules, impl)
             assert block.experts.gate_proj[...].sharding.spec == rules.spec(("experts", "embed", "expert_ffn"))
             _close(_run(block, x), one_device[family, fmt, impl])
+
+
+def test_rfc_reading_of_tp_size_and_ep_size(moe_setups):
+    """The RFC's `{tp_size: tp, ep_size: ep}` with tp 16, ep 8: 16 devices, 8 expert groups,
+    TP 2 inside each expert (resolved without devices: only the mesh needs them)."""
+    cfg = moe_setups["qwen3_moe"][0]
+    table = parse_rule_table({"axes": {"tp": 16, "ep": 8}, "rules": [
+        {"match": {"kind": "moe"}, "plan": {"tp_size": "tp", "ep_size": "ep"}}] + [
+        {"match": {"kind": k}, "plan": {"tp_size": 8}} for k in ("attention", "embed", "lm_head")]})
+    (moe,) = [p for p in resolve_plans(table, cfg) if p.kind == "moe"]
+    assert (moe.tp_size, moe.ep_size, moe.expert_tp, moe.devices) == (16, 8, 2, 16)
+    assert [(g.role, g.size) for g in moe.groups()] == [("ep", 8), ("tp", 2)]
+    assert moe.describe() == "tp=16 ep=8 expert_tp=2"
+    # Without tp_size, a MoE block runs on all the tp devices, like every other kind.
+    table = parse_rule_table({"axes": {"tp": 8, "ep": 4}, "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep"}}]})
+    (moe,) = [p for p in resolve_plans(table, cfg) if p.kind == "moe"]
+    assert (moe.tp_size, moe.ep_size, moe.expert_tp) == (8, 4, 2)
+
+
+def test_ep_preset_is_pure_expert_parallelism(moe_setups):
+    cfg = moe_setups["qwen3_next"][0]
+    sharding = build_sharding(preset("ep", 8), cfg, jax.devices())
+    rules = sharding.layers[0].ffn
+    assert (rules.size("experts"), rules.size("expert_ffn"), rules.size("ffn")) == (8, 1, 8)
+    (moe,) = [p for p in sharding.plans if p.kind == "moe"]
+    assert (moe.tp_size, moe.ep_size) == (8, 8)
 
 
 X_SP = np.random.default_rng(1).normal(size=(2, 8, 32)).astype(np.float32)
@@ -190,8 +221,8 @@ _apply_scatter = nnx.jit(lambda m, x: m(x, scatter_seq=True))
 SP_PLANS = {
     "ep=2 x tp=4, sp": ({"ep_size": "ep", "sp": True}, 2, True),
     "ep=8, sp": ({"ep_size": "ep", "sp": True}, 8, True),
-    # Partial sums over 2 of the 8 sequence-parallel devices: all-reduce, then constrain.
-    "ep=2 x tp=1, sp": ({"ep_size": "ep", "tp_size": 1, "sp": True}, 2, False),
+    # The block on 2 of the 8 sequence-parallel devices: all-reduce, then constrain.
+    "ep=2 on 2 devices, sp": ({"tp_size": 2, "ep_size": "ep", "sp": True}, 2, False),
 }
 
 
@@ -218,18 +249,25 @@ def _moe_only(plan, **axes):
 
 INVALID = {
     "experts not divisible by ep_size": (
-        "qwen3_moe", {}, _moe_only({"ep_size": "ep", "tp_size": 1}, tp=6, ep=3),
+        "qwen3_moe", {}, _moe_only({"tp_size": "tp", "ep_size": "ep"}, tp=6, ep=3),
         "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): num_experts=16 is not divisible by ep_size=3"),
-    "expert ffn not divisible by tp_size": (
-        "qwen3_moe", {}, _moe_only({"ep_size": 2, "tp_size": 3}, tp=6),
-        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): moe_intermediate_size=16 is not divisible by tp_size=3"),
+    "ep_size not dividing tp_size": (
+        "qwen3_moe", {}, _moe_only({"tp_size": 2, "ep_size": 4}, tp=8),
+        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): ep_size=4 does not divide tp_size=2 "
+        "(for kind: moe, tp_size is the block's device count"),
+    "expert ffn not divisible by tp_size / ep_size": (
+        "qwen3_moe", {}, _moe_only({"ep_size": 2, "tp_size": 6}, tp=6),
+        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): moe_intermediate_size=16 is not divisible "
+        "by tp_size / ep_size = 6 / 2 = 3"),
     "shared expert ffn not divisible by tp_size": (
-        "qwen3_next", {"shared_expert_intermediate_size": 12}, _moe_only({"tp_size": 8}, tp=8),
-        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): shared_expert_intermediate_size=12 is not divisible by tp_size=8"),
+        "qwen3_next", {"shared_expert_intermediate_size": 12}, _moe_only({"tp_size": 8, "ep_size": 2}, tp=8),
+        "rule 0 (match {kind: moe}) at layer 0 (model.layers.0.mlp): shared_expert_intermediate_size=12 is not "
+        "divisible by tp_size=8"),
     "default plan, expert ffn not divisible by tp": (
         "qwen3_moe", {}, parse_rule_table({"axes": {"tp": 3}, "rules": [
             {"match": {"kind": k}, "plan": {"tp_size": 1}} for k in ("attention", "mlp", "embed", "lm_head")]}),
-        "the default plan (plain TP) at layer 0 (model.layers.0.mlp): moe_intermediate_size=16 is not divisible by tp_size=3"),
+        "the default plan (plain TP) at layer 0 (model.layers.0.mlp): moe_intermediate_size=16 is not divisible "
+        "by tp_size=3"),
 }
 
 

@@ -5,22 +5,23 @@
     y       = sum_j w_j * down_e(silu(gate_e(x)) * up_e(x)),  e = idx_j
     y      += sigmoid(x @ w_shared_gate) * shared_mlp(x)     (Qwen3-Next / 3.5 only)
 
-Parallelism (the block's `AxisRules`): the stacked expert weights `[experts, ...]` are split
-over the plan's ep axes ("experts") and, when ep_size is smaller than the block's devices,
-each expert's ffn over the plan's tp axes ("expert_ffn"). The expert computation runs in
+Parallelism (the block's `AxisRules`, from a plan `{tp_size: T, ep_size: ep}`: the block runs
+on T devices, the experts split ep ways among them): the stacked expert weights
+`[experts, ...]` are split over the plan's ep axes ("experts", ep ways) and each expert's ffn
+over the rest of the block's axes ("expert_ffn", T / ep ways). The expert computation runs in
 `shard_map`: every rank sees all tokens of its batch shard (the router is replicated), computes
 its local experts' share of the output for them, and the partial outputs are summed over the
-ep and tp axes (one all-reduce of `[tokens, hidden]`, as a TP MLP has). Tokens are never
+ep and expert-tp axes (one all-reduce of `[tokens, hidden]`, as a TP MLP has). Tokens are never
 exchanged (no all-to-all), so the result is exact and independent of how the batch is split.
-The router and the shared expert run outside `shard_map` as ordinary (TP) layers. Under
-sequence parallelism (`scatter_seq=True`, prefill) the partial sums are reduce-scattered over
-the sequence instead, when they are summed over exactly the sequence-parallel axes
-(ep_size * tp_size = all tp devices).
+The router and the shared expert (a TP MLP over all T devices, "ffn") run outside `shard_map`
+as ordinary layers. Under sequence parallelism (`scatter_seq=True`, prefill) the partial sums
+are reduce-scattered over the sequence instead, when they are summed over exactly the
+sequence-parallel axes (T = all tp devices).
 
 Local computation, chosen per call from the (static) token count:
 - "dense": every local expert on every token, weighted by the combine weights (0 for experts
-  a token did not select — exact). Per rank: N * (E/ep) * 3*H*(I/tp) MACs and an
-  `[N, E/ep, I/tp]` intermediate; in all, E/k times the FLOPs of a sparse dispatch (e.g. 51x
+  a token did not select — exact). Per rank: N * (E/ep) * 3*H*(I*ep/T) MACs and an
+  `[N, E/ep, I*ep/T]` intermediate; in all, E/k times the FLOPs of a sparse dispatch (e.g. 51x
   for 512 experts, top-10), but it streams each local weight exactly once, so it is the
   right choice while the step is weight-bandwidth bound (N * k >= E/ep).
 - "gather": for decode with few tokens (N * k < E/ep), gather the N*k selected experts'

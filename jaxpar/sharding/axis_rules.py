@@ -17,6 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MeshAxes = tuple[str, ...]
 
 
+class ShardingSpecError(ValueError):
+    """An array's logical axes cannot be laid out under a block's rules."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisRules:
     mesh: Mesh
@@ -32,11 +36,19 @@ class AxisRules:
         return ()
 
     def spec(self, logical_axes: Sequence[str | None]) -> P:
-        used: set[str] = set()
+        """The PartitionSpec of an array with these logical axes. A mesh axis can split
+        only one dimension: two logical axes that map to the same mesh axis are an error
+        (dropping one would silently replicate what the plan says to split)."""
+        owner: dict[str, str] = {}
         entries = []
         for name in logical_axes:
-            axes = tuple(a for a in self.axes_for(name) if a not in used)
-            used.update(axes)
+            axes = self.axes_for(name)
+            for a in axes:
+                if a in owner:
+                    raise ShardingSpecError(
+                        f"logical axes {owner[a]!r} and {name!r} both map to mesh axis {a!r} in "
+                        f"{tuple(logical_axes)} (rules: {dict(self.rules)})")
+                owner[a] = name
             entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return P(*entries)
 
@@ -54,4 +66,3 @@ class AxisRules:
         if self.mesh.size == 1:
             return x
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes))
-

@@ -1,6 +1,7 @@
 """`jaxpar plan`: what a policy does to a model, computed without loading any weight.
 
-Per block: the plan and the rule that chose it; per parameter: its PartitionSpec and bytes per device; the KV-cache bytes per
+Per block: the plan and the rule that chose it; the rules that change nothing for this
+model; per parameter: its PartitionSpec and bytes per device; the KV-cache bytes per
 device; and the collectives (count and bytes by kind) of one prefill and one decode step,
 read from the compiled HLO of the very programs generation runs
 (`jaxpar.generate.model_programs`). This module sits above the models (beside
@@ -71,6 +72,8 @@ class PlanReport:
     cache_bytes_per_device: int
     prefill_collectives: dict[str, CollectiveStats]
     decode_collectives: dict[str, CollectiveStats]
+    # Rules that change nothing for this model (no block matched, or shadowed).
+    rule_warnings: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +83,9 @@ class PlanReport:
                  f"{'block':40s} {'kind':17s} {'rule':>5s}  plan"]
         for b in self.blocks:
             lines.append(f"{b.block:40s} {b.kind:17s} {('-' if b.rule is None else b.rule):>5}  {b.plan}")
+        if self.rule_warnings:
+            lines += ["", "rules that change nothing for this model:"]
+            lines += [f"  warning: {w}" for w in self.rule_warnings]
         lines += ["", f"{'parameter':52s} {'shape':>18s} {'spec':34s} {'bytes/device':>13s}"]
         for p in self.params:
             lines.append(f"{p.path:52s} {str(p.shape):>18s} {p.spec:34s} {p.bytes_per_device:>13,d}")
@@ -152,7 +158,7 @@ def plan_report(cfg: ModelConfig, sharding: ModelSharding, *, batch: int = 1, se
                       blocks=blocks, params=params,
                       param_bytes_per_device=sum(p.bytes_per_device for p in params),
                       cache_bytes_per_device=cache_bytes, prefill_collectives=pre,
-                      decode_collectives=dec)
+                      decode_collectives=dec, rule_warnings=list(sharding.rule_warnings))
 
 
 def plan(model: str | Path, policy=None, *, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",

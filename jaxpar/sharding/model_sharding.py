@@ -28,6 +28,9 @@ class ModelSharding:
     # The resolved per-block plans (jaxpar.sharding.resolve.LayerPlan), for reports.
     plans: tuple[Any, ...] = ()
     table_name: str = "tp"
+    # Rules of the table that change nothing for this model (they match no block, or
+    # earlier rules take every block they match): one message per rule, for reports.
+    rule_warnings: tuple[str, ...] = ()
 
     def _all_rules(self):
         for layer in self.layers:

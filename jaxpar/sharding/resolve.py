@@ -1,8 +1,21 @@
-"""Rule table + model config -> a `LayerPlan` for every block -> mesh + `ModelSharding`."""
+"""Rule table + model config -> a `LayerPlan` for every block -> mesh + `ModelSharding`.
+
+Every block of the model (embedding, each layer's mixer and feed-forward block, LM head)
+takes the plan of the first rule that matches it, or plain TP over `tp` when none does.
+Plans are checked against the model's shapes here, each error naming the rule, the block
+and the numbers. Rules that change nothing for this model (they match no block, or earlier
+rules take every block they match) are reported as `RuleTableWarning`s (not for presets)
+and listed on the `ModelSharding` for `jaxpar plan`.
+
+For `kind: moe`, `tp_size` is the block's device count like for every other kind, and
+`ep_size` splits the experts among those devices: `{tp_size: 16, ep_size: 8}` is 8 expert
+groups of 2 devices, each expert's ffn split 2 ways (the per-layer policy RFC's reading).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Sequence
 
 import jax
@@ -21,21 +34,28 @@ KIND_FEATURES = {
     "moe": ("tp_size", "ep_size", "sp"),
     "embed": ("tp_size",),
     "lm_head": ("tp_size",),
-    "norm": (),
 }
-# Block kinds per architecture (a plan feature of a kind the architecture lacks is rejected).
+# Block kinds per architecture: a rule on a kind the architecture lacks is an error.
+# (Norms have no plan of their own: they follow the residual stream, replicated or, under
+# `sp`, split on the sequence.)
+_DENSE = ("attention", "mlp", "embed", "lm_head")
+_HYBRID = ("attention", "linear_attention", "mlp", "embed", "lm_head")
 ARCH_KINDS = {
-    "llama": ("attention", "mlp", "embed", "lm_head", "norm"),
-    "qwen2": ("attention", "mlp", "embed", "lm_head", "norm"),
-    "qwen3": ("attention", "mlp", "embed", "lm_head", "norm"),
+    "llama": _DENSE,
+    "qwen2": _DENSE,
+    "qwen3": _DENSE,
     # MoE families ("mlp" too: mlp_only_layers / decoder_sparse_step give dense layers).
-    "qwen3_moe": ("attention", "mlp", "moe", "embed", "lm_head", "norm"),
-    "qwen3_next": ("attention", "linear_attention", "mlp", "moe", "embed", "lm_head", "norm"),
-    "qwen3_5_moe_text": ("attention", "linear_attention", "mlp", "moe", "embed", "lm_head", "norm"),
-    "qwen3_5_moe": ("attention", "linear_attention", "mlp", "moe", "embed", "lm_head", "norm"),
-    "qwen3_5_text": ("attention", "linear_attention", "mlp", "embed", "lm_head", "norm"),
-    "qwen3_5": ("attention", "linear_attention", "mlp", "embed", "lm_head", "norm"),
+    "qwen3_moe": _DENSE + ("moe",),
+    "qwen3_next": _HYBRID + ("moe",),
+    "qwen3_5_moe_text": _HYBRID + ("moe",),
+    "qwen3_5_moe": _HYBRID + ("moe",),
+    "qwen3_5_text": _HYBRID,
+    "qwen3_5": _HYBRID,
 }
+
+
+class RuleTableWarning(UserWarning):
+    """A rule that changes nothing for this model (matches no block, or is shadowed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +64,33 @@ class LayerPlan:
     kind: str
     layer: int | None
     rule: int | None  # index of the matching rule; None = the default (plain TP)
-    tp_size: int
+    tp_size: int  # the block's devices (for moe too: ep_size splits the experts among them)
     dcp_size: int = 1
     dp_size: int = 1
     ep_size: int = 1
     sp: bool = False
 
+    @property
+    def devices(self) -> int:
+        """Devices one copy of the block runs on (the rest of the tp devices replicate it)."""
+        return self.tp_size * self.dcp_size * self.dp_size
+
+    @property
+    def expert_tp(self) -> int:
+        """MoE: ways each expert's ffn is split (tp_size / ep_size)."""
+        return self.tp_size // self.ep_size
+
     def groups(self, labels: dict[str, str] | None = None) -> tuple[Group, ...]:
+        """The logical device groups of the plan, for the mesh (`jaxpar.sharding.mesh`).
+        MoE: `ep` groups of experts, each spanning `tp_size / ep_size` devices ("tp")."""
         labels = labels or {}
-        gs = [Group("dp", self.dp_size, labels.get("dp_size")),
-              Group("ep", self.ep_size, labels.get("ep_size")),
-              Group("tp", self.tp_size, labels.get("tp_size")),
-              Group("dcp", self.dcp_size, labels.get("dcp_size"))]
+        if self.kind == "moe":
+            inner_label = labels.get("tp_size") if self.ep_size == 1 else None
+            gs = [Group("ep", self.ep_size, labels.get("ep_size")), Group("tp", self.expert_tp, inner_label)]
+        else:
+            gs = [Group("dp", self.dp_size, labels.get("dp_size")),
+                  Group("tp", self.tp_size, labels.get("tp_size")),
+                  Group("dcp", self.dcp_size, labels.get("dcp_size"))]
         return tuple(g for g in gs if g.size > 1)
 
     def describe(self) -> str:
@@ -63,6 +98,8 @@ class LayerPlan:
         for key in ("dcp_size", "dp_size", "ep_size"):
             if getattr(self, key) > 1:
                 parts.append(f"{key[:-5]}={getattr(self, key)}")
+        if self.kind == "moe" and self.ep_size > 1:
+            parts.append(f"expert_tp={self.expert_tp}")
         if self.sp:
             parts.append("sp")
         return " ".join(parts)
@@ -86,6 +123,10 @@ def model_blocks(cfg: ModelConfig) -> list[Block]:
     return blocks
 
 
+def _flavor(cfg: ModelConfig, block: Block) -> str | None:
+    return cfg.attention_flavor if block.kind == ATTENTION else None
+
+
 def _where(rule: Rule | None, block: Block) -> str:
     at = f"layer {block.layer} ({block.prefix})" if block.layer is not None else block.prefix
     return f"{rule.describe() if rule else 'the default plan (plain TP)'} at {at}"
@@ -99,11 +140,10 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
         if bad:
             raise RuleTableError(f"{where}: {block.kind} blocks of {cfg.model_type} do not support plan "
                                  f"key(s) {bad} (supported: {', '.join(allowed) or 'none'})")
-    used = plan.tp_size * plan.dcp_size * plan.dp_size * plan.ep_size
-    if tp % used:
-        raise RuleTableError(f"{where}: the plan's sizes multiply to {used} devices "
-                             f"(tp_size={plan.tp_size}, dcp_size={plan.dcp_size}, dp_size={plan.dp_size}, "
-                             f"ep_size={plan.ep_size}), which does not divide the tp={tp} devices it runs on")
+    if tp % plan.devices:
+        raise RuleTableError(f"{where}: the plan's sizes multiply to {plan.devices} devices "
+                             f"(tp_size={plan.tp_size}, dcp_size={plan.dcp_size}, dp_size={plan.dp_size}), "
+                             f"which does not divide the tp={tp} devices it runs on")
     t = plan.tp_size
     if block.kind == "attention":
         if cfg.num_heads % t:
@@ -123,50 +163,87 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
                                  "groups; use tp_size: 1 to replicate it)")
     elif block.kind == "moe":
         e = plan.ep_size
+        if t % e:
+            raise RuleTableError(f"{where}: ep_size={e} does not divide tp_size={t} (for kind: moe, tp_size "
+                                 "is the block's device count and ep_size splits the experts among those "
+                                 "devices; each expert's ffn is split tp_size / ep_size ways)")
         if cfg.num_experts % e:
             raise RuleTableError(f"{where}: num_experts={cfg.num_experts} is not divisible by ep_size={e}")
-        if cfg.moe_intermediate_size % t:
+        if cfg.moe_intermediate_size % plan.expert_tp:
+            ways = f"tp_size={t}" if e == 1 else f"tp_size / ep_size = {t} / {e} = {plan.expert_tp}"
             raise RuleTableError(f"{where}: moe_intermediate_size={cfg.moe_intermediate_size} is not divisible "
-                                 f"by tp_size={t} (each expert's ffn is split tp_size ways)")
+                                 f"by {ways} (each expert's ffn is split tp_size / ep_size ways)")
         shared = cfg.shared_expert_intermediate_size
         if shared and shared % t:
             raise RuleTableError(f"{where}: shared_expert_intermediate_size={shared} is not divisible by "
-                                 f"tp_size={t} (the shared expert is a TP MLP)")
+                                 f"tp_size={t} (the shared expert is a TP MLP over the block's devices)")
     elif block.kind in ("embed", "lm_head"):
         if cfg.vocab_size % t:
             raise RuleTableError(f"{where}: vocab_size={cfg.vocab_size} is not divisible by tp_size={t}")
 
 
-def resolve_plans(table: RuleTable, cfg: ModelConfig) -> list[LayerPlan]:
-    tp = table.axis("tp")
+def _check_rules_fit_architecture(table: RuleTable, cfg: ModelConfig) -> None:
     kinds = ARCH_KINDS.get(cfg.model_type)
     if kinds is None:
         raise RuleTableError(f"no sharding whitelist for model_type {cfg.model_type!r}")
     for rule in table.rules:
         k = rule.match.kind
+        if k == "norm":
+            raise RuleTableError(f"{rule.describe()}: {cfg.model_type} has no norm blocks with a plan of "
+                                 "their own (norms follow the residual stream: replicated, or split on "
+                                 "the sequence when the neighbouring blocks have sp: true)")
         if k is not None and k not in kinds:
             raise RuleTableError(f"{rule.describe()}: {cfg.model_type} has no {k} blocks "
                                  f"(its blocks: {', '.join(kinds)})")
-        if rule.match.layers is not None:
-            bad = [i for i in rule.match.layers if not 0 <= i < cfg.num_layers]
-            if bad:
-                raise RuleTableError(f"{rule.describe()}: layer index(es) {bad} out of range for "
-                                     f"{cfg.num_layers} layers")
+        flavor = rule.match.attention_flavor
+        if flavor is not None and flavor != cfg.attention_flavor:
+            raise RuleTableError(f"{rule.describe()}: {cfg.model_type} has no {flavor} attention "
+                                 f"(its attention layers are {cfg.attention_flavor})")
+
+
+def resolve_plans(table: RuleTable, cfg: ModelConfig) -> list[LayerPlan]:
+    tp = table.axis("tp")
+    _check_rules_fit_architecture(table, cfg)
     plans = []
     for block in model_blocks(cfg):
         rule = table.first_match(kind=block.kind, prefix=block.prefix, layer=block.layer,
-                                 flavor=cfg.attention_flavor if block.kind == "attention" else None)
+                                 flavor=_flavor(cfg, block))
         if rule is None:
             plan = LayerPlan(block.prefix, block.kind, block.layer, None, tp_size=tp)
         else:
             p = rule.plan
-            rest = p.dcp_size * p.dp_size * p.ep_size
-            tp_size = p.tp_size if p.tp_size is not None else max(tp // rest, 1)
+            tp_size = p.tp_size if p.tp_size is not None else max(tp // (p.dcp_size * p.dp_size), 1)
             plan = LayerPlan(block.prefix, block.kind, block.layer, rule.index, tp_size=tp_size,
                              dcp_size=p.dcp_size, dp_size=p.dp_size, ep_size=p.ep_size, sp=p.sp)
         _check(cfg, plan, rule, block, tp)
         plans.append(plan)
     return plans
+
+
+def rule_warnings(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPlan]) -> list[str]:
+    """One message per rule that changes nothing for this model, or names layers it lacks."""
+    blocks = model_blocks(cfg)
+    taken = {p.block: p.rule for p in plans}
+    out = []
+    for rule in table.rules:
+        matched = [b for b in blocks if rule.match.matches(kind=b.kind, prefix=b.prefix, layer=b.layer,
+                                                           flavor=_flavor(cfg, b))]
+        past = [i for i in rule.match.layers or () if not 0 <= i < cfg.num_layers]
+        past_note = f"layer index(es) {past} are past the model's {cfg.num_layers} layers" if past else ""
+        if not matched:
+            why = [past_note] if past else []
+            if rule.match.prefix_pattern is not None:
+                why.append(f"prefix_pattern {rule.match.prefix_pattern!r} matches none of the block "
+                           f"prefixes (e.g. {blocks[1].prefix}, {blocks[2].prefix})")
+            reason = "; ".join(why) or "no block has all the matched properties"
+            out.append(f"{rule.describe()} matches no block of this {cfg.model_type} model: {reason}")
+        elif all(taken[b.prefix] != rule.index for b in matched):
+            earlier = sorted({taken[b.prefix] for b in matched})
+            out.append(f"{rule.describe()} is shadowed: every block it matches is taken by earlier "
+                       f"rule(s) {', '.join(map(str, earlier))}")
+        elif past:
+            out.append(f"{rule.describe()}: {past_note}")
+    return out
 
 
 def _labels(table: RuleTable, plan: LayerPlan) -> dict[str, str]:
@@ -178,11 +255,19 @@ def _labels(table: RuleTable, plan: LayerPlan) -> dict[str, str]:
 def build_sharding(table: RuleTable, cfg: ModelConfig,
                    devices: Sequence[jax.Device] | None = None) -> ModelSharding:
     plans = resolve_plans(table, cfg)
+    notes = tuple(rule_warnings(table, cfg, plans))
+    if not table.preset:
+        for note in notes:
+            warnings.warn(RuleTableWarning(note), stacklevel=2)
     tp, dp = table.axis("tp"), table.axis("dp")
     labelled = [(p, p.groups(_labels(table, p))) for p in plans]
     layout = build_mesh(tp, dp, [(p.block, g) for p, g in labelled],
                         devices if devices is not None else jax.devices())
     mesh = layout.mesh
+
+    def in_mesh_order(*axes: MeshAxes) -> MeshAxes:
+        wanted = {a for group in axes for a in group}
+        return tuple(a for a in mesh.axis_names if a in wanted)
 
     def rules(plan: LayerPlan, groups) -> AxisRules:
         axes = dict(zip((g.role for g in groups), layout.axes_of(groups)))
@@ -202,12 +287,12 @@ def build_sharding(table: RuleTable, cfg: ModelConfig,
         elif plan.kind == "mlp":
             r["ffn"] = tp_axes
         elif plan.kind == "moe":
-            # Experts over the ep axes, each expert's ffn (and the shared expert's) over the tp
-            # axes. With no rule (ep_size 1, tp_size tp) the experts are replicated and TP runs
-            # inside every expert.
+            # Experts over the ep axes, each expert's ffn over the rest of the block's axes;
+            # the shared expert is a TP MLP over all of the block's axes. No rule: ep_size 1,
+            # experts replicated and TP inside every expert.
             r["experts"] = axes.get("ep", ())
             r["expert_ffn"] = tp_axes
-            r["ffn"] = tp_axes
+            r["ffn"] = in_mesh_order(axes.get("ep", ()), tp_axes)
         elif plan.kind in ("embed", "lm_head"):
             r["vocab"] = tp_axes
         return AxisRules(mesh, tuple(r.items()))
@@ -221,7 +306,8 @@ def build_sharding(table: RuleTable, cfg: ModelConfig,
     embed = next(p for p in plans if p.kind == "embed")
     head = next(p for p in plans if p.kind == "lm_head")
     return ModelSharding(mesh=mesh, layers=tuple(layers), embed=by_block[embed.block],
-                         head=by_block[head.block], plans=tuple(plans), table_name=table.name)
+                         head=by_block[head.block], plans=tuple(plans), table_name=table.name,
+                         rule_warnings=notes)
 
 
 def plain_tp(cfg: ModelConfig, mesh_or_devices: jax.sharding.Mesh | Sequence[jax.Device] | None = None

@@ -7,9 +7,12 @@ parallelism_rules:
     - match: {kind: attention}
       plan: {tp_size: attn_tp, dcp_size: dcp}
 ```
-First matching rule wins; a block no rule matches gets plain TP over `tp`. Everything that
-can be checked without a model is checked here; checks against a model's shapes happen
-when the table is resolved for it (`jaxpar.sharding.resolve`).
+First matching rule wins; a block no rule matches gets plain TP over `tp`. A plan's
+`tp_size` is the number of devices the block runs on (the rest of the `tp` devices hold
+copies); for `kind: moe`, `ep_size` splits the experts among those devices. Everything that
+can be checked without a model is checked here; checks against a model's shapes, and
+warnings for rules that change nothing, happen when the table is resolved for it
+(`jaxpar.sharding.resolve`). docs/ARCHITECTURE.md describes the semantics in full.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class RuleTable:
     axes: tuple[tuple[str, int], ...]
     rules: tuple[Rule, ...] = ()
     name: str = "custom"
+    # Presets are written for every model: their rules on kinds a model lacks are no news.
+    preset: bool = False
 
     def axis(self, name: str) -> int:
         return dict(self.axes)[name]
@@ -151,6 +156,9 @@ def _parse_match(raw: Any, where: str) -> Match:
     pattern = raw.get("prefix_pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise RuleTableError(f"{where}: prefix_pattern must be a string glob, got {pattern!r}")
+    if flavor is not None and kind not in (None, "attention"):
+        raise RuleTableError(f"{where}: attention_flavor applies to kind: attention only, not kind: {kind} "
+                             "(the rule could never match)")
     layers = raw.get("layers")
     if layers is not None:
         layers = _parse_layers(layers, where)
@@ -207,7 +215,7 @@ def _parse_plan(raw: Any, axes: dict[str, int], where: str) -> PlanSpec:
     return PlanSpec(**values, keys=tuple(sorted(raw)), axis_refs=tuple(refs))
 
 
-def parse_rule_table(raw: Any, name: str = "custom") -> RuleTable:
+def parse_rule_table(raw: Any, name: str = "custom", *, is_preset: bool = False) -> RuleTable:
     if isinstance(raw, Mapping) and "parallelism_rules" in raw:
         extra = sorted(set(raw) - {"parallelism_rules"})
         if extra:
@@ -235,7 +243,7 @@ def parse_rule_table(raw: Any, name: str = "custom") -> RuleTable:
         if "match" not in r or "plan" not in r:
             raise RuleTableError(f"{where}: needs both 'match' and 'plan'")
         rules.append(Rule(i, _parse_match(r["match"], where), _parse_plan(r["plan"], dict(axes), where)))
-    return RuleTable(axes=axes, rules=tuple(rules), name=name)
+    return RuleTable(axes=axes, rules=tuple(rules), name=name, preset=is_preset)
 
 
 # --------------------------------------------------------------------------- presets
@@ -256,15 +264,16 @@ def preset(name: str, devices: int) -> RuleTable:
         "sp": {"axes": {"tp": devices},
                "rules": [{"match": {"kind": "attention"}, "plan": {"tp_size": "tp", "sp": True}},
                          {"match": {"kind": "mlp"}, "plan": {"tp_size": "tp", "sp": True}}]},
+        # The MoE blocks over all devices, one expert group per device (pure EP).
         "ep": {"axes": {"tp": devices, "ep": devices},
-               "rules": [{"match": {"kind": "moe"}, "plan": {"ep_size": "ep", "tp_size": 1}}]},
+               "rules": [{"match": {"kind": "moe"}, "plan": {"tp_size": "tp", "ep_size": "ep"}}]},
         "gdn-replicated": {"axes": {"tp": devices},
                            "rules": [{"match": {"kind": "linear_attention"}, "plan": {"tp_size": 1}}]},
     }
     if name not in tables:
         raise RuleTableError(f"unknown policy preset {name!r} (presets: {', '.join(sorted(tables))}; "
                              "or give a YAML file or a dict)")
-    return parse_rule_table(tables[name], name=name)
+    return parse_rule_table(tables[name], name=name, is_preset=True)
 
 
 PRESETS = ("tp", "tpa-dcp", "dp-attention", "sp", "ep", "gdn-replicated")
