@@ -3,7 +3,8 @@
 The cache `[B, S, KVH, D]` may be split over batch (attention DP), KV heads (TP) and
 slots (decode context parallelism, DCP). With DCP of size n, the token at position p
 lives on rank p % n at local slot p // n (round-robin, so every rank fills evenly); each
-rank attends over its slots and returns (out, log-sum-exp), and the ranks merge by LSE.
+rank attends over its slots and returns (out, log-sum-exp), and the ranks merge by LSE
+(`merge_over_ranks`; docs/ARCHITECTURE.md, "DCP layout and merge").
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ KV_NEW_AXES = ("batch", "kv_heads", "head_dim")
 
 def _index(axes) -> jax.Array:
     return jax.lax.axis_index(axes) if axes else jnp.int32(0)
+
+
+def merge_over_ranks(o: jax.Array, lse: jax.Array, axes) -> jax.Array:
+    """Attention partials of disjoint KV shards, one per rank along mesh `axes`, merged by
+    log-sum-exp inside `shard_map`: m = max_r lse_r, w_r = exp(lse_r - m),
+    o = sum_r w_r o_r / sum_r w_r. A rank that saw no valid key has lse = -inf and weight
+    0; where every rank is -inf (a padding row) the result is 0, not NaN.
+    o: [..., D] float32 (normalised over the rank's shard); lse: [...]. Returns [..., D]."""
+    m = jax.lax.pmax(lse, axes)
+    w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+    total = jax.lax.psum(w, axes)
+    o = jax.lax.psum(o * w[..., None], axes)
+    return o / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def _kv_for_local_heads(rules: AxisRules, k: jax.Array, v: jax.Array, num_heads: int,
@@ -56,10 +70,7 @@ def decode_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
         o, lse = dispatch.attention_decode(q, kk, vv, lengths + 1, scale=scale,
                                            slot_positions=positions, impl=impl)
         if n_dcp > 1:
-            # LSE merge across the DCP ranks: weights exp(lse_r - max_r lse_r).
-            m = jax.lax.pmax(lse, dcp_axes)
-            w = jnp.exp(lse - m)
-            o = jax.lax.psum(o * w[..., None], dcp_axes) / jax.lax.psum(w, dcp_axes)[..., None]
+            o = merge_over_ranks(o, lse, dcp_axes)
         return o, kc, vc
 
     if rules.mesh.size == 1:
@@ -138,9 +149,7 @@ def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
         kv_valid = positions[:, 0] + lengths
         o, lse = _attend_slots(q, kk, vv, positions, slot_pos, kv_valid, scale)
         if n_dcp > 1:
-            m = jax.lax.pmax(lse, dcp_axes)
-            w = jnp.exp(lse - m)
-            o = jax.lax.psum(o * w[..., None], dcp_axes) / jax.lax.psum(w, dcp_axes)[..., None]
+            o = merge_over_ranks(o, lse, dcp_axes)
         return o, kc, vc
 
     if rules.mesh.size == 1:
