@@ -1,7 +1,7 @@
 """Gated DeltaNet mixer (Qwen3-Next / Qwen3.5 linear attention).
 
 Every tensor is laid out grouped by key head (`lin_k_heads`), so splitting that axis over
-tp ranks is the GDN tensor-parallel contract of DESIGN.md section 5 with no communication
+tp ranks is the GDN tensor-parallel contract (docs/ARCHITECTURE.md, 5.6) with no communication
 inside the mixer: each key head owns its q/k conv channels, its `r = Hv / Hk` value heads
 (their v / z channels, b, a, A_log, dt_bias) and their rows of out_proj.
 
