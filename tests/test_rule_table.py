@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 
 import jaxpar
-from jaxpar.config import config_from_hf_dict, load_config
+from jaxpar.config import config_from_hf_dict
 from jaxpar.sharding.axis_rules import AxisRules, ShardingSpecError
 from jaxpar.sharding.inspect import plan_report
 from jaxpar.sharding.resolve import RuleTableWarning, build_sharding, resolve_plans
 from jaxpar.sharding.rules import RuleTableError, load_rule_table, parse_rule_table, preset
 
 ATTN = {"kind": "attention"}
+# The tiny Llama of tests/hf_models as a config (no weights, no torch needed).
+_LLAMA = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+LLAMA = config_from_hf_dict(_LLAMA)
 # Replicate everything else so that only the block under test can fail.
 REST_1 = [{"match": {"kind": k}, "plan": {"tp_size": 1}} for k in ("attention", "mlp", "embed", "lm_head")]
 
@@ -82,11 +86,10 @@ def test_invalid_table_fails_at_parse(name):
 
 
 @pytest.mark.parametrize("name", list(INVALID_FOR_MODEL))
-def test_invalid_table_fails_against_model(name, tiny_models):
+def test_invalid_table_fails_against_model(name):
     raw, message = INVALID_FOR_MODEL[name]
-    cfg = load_config(tiny_models["llama"])
     with pytest.raises(RuleTableError) as e:
-        build_sharding(parse_rule_table(raw), cfg, jax.devices())
+        build_sharding(parse_rule_table(raw), LLAMA, jax.devices())
     assert message in str(e.value)
 
 
@@ -95,18 +98,14 @@ def test_messages_are_all_distinct():
     assert len(set(messages)) == len(messages) >= 15
 
 
-def test_kv_heads_neither_dividing_nor_divisible(tmp_path):
-    from tests import hf_models
-
-    path = hf_models.save_tiny("llama", tmp_path / "m", num_attention_heads=12, num_key_value_heads=3,
-                               hidden_size=96)
+def test_kv_heads_neither_dividing_nor_divisible():
+    cfg = config_from_hf_dict({**_LLAMA, "num_attention_heads": 12, "num_key_value_heads": 3, "hidden_size": 96})
     with pytest.raises(RuleTableError, match="num_key_value_heads=3 neither divides nor is divisible by tp_size=4"):
-        build_sharding(parse_rule_table(_table([{"match": ATTN, "plan": {"tp_size": 4}}], tp=4)),
-                       load_config(path), jax.devices())
+        build_sharding(parse_rule_table(_table([{"match": ATTN, "plan": {"tp_size": 4}}], tp=4)), cfg, jax.devices())
 
 
-def test_first_matching_rule_wins_and_default_is_plain_tp(tiny_models):
-    cfg = load_config(tiny_models["llama"])
+def test_first_matching_rule_wins_and_default_is_plain_tp():
+    cfg = LLAMA
     table = parse_rule_table(_table([
         {"match": {"kind": "attention", "layers": "0-1"}, "plan": {"tp_size": "attn_tp", "dcp_size": "dcp"}},
         {"match": {"kind": "attention"}, "plan": {"tp_size": 2}},
@@ -140,8 +139,8 @@ parallelism_rules:
         load_rule_table(bad, 8)
 
 
-def test_mesh_axes_are_whole_groups(tiny_models):
-    cfg = load_config(tiny_models["llama"])
+def test_mesh_axes_are_whole_groups():
+    cfg = LLAMA
     s = build_sharding(preset("tpa-dcp", 8), cfg, jax.devices())
     assert dict(s.mesh.shape) == {"dp": 1, "attn_tp": 4, "dcp": 2}
     s = build_sharding(preset("tp", 8), cfg, jax.devices())
@@ -153,9 +152,9 @@ def test_mesh_axes_are_whole_groups(tiny_models):
     assert attn.size("batch") == 4 and attn.size("q_heads") == 2 and s.layers[0].ffn.size("ffn") == 8
 
 
-def test_load_error_is_a_value_error_for_the_cli(tiny_models):
+def test_load_error_is_a_value_error_for_the_cli(stories_dir):
     with pytest.raises(ValueError, match="unknown axis name"):
-        jaxpar.load(tiny_models["llama"], policy={"axes": {"tp": 2, "zz": 1}}, tokenizer=False)
+        jaxpar.load(stories_dir, policy={"axes": {"tp": 2, "zz": 1}}, tokenizer=False)
 
 
 # --------------------------------------------------------------------------- no silent no-ops
