@@ -1,54 +1,74 @@
-"""Gated-delta-rule and attention kernels: Pallas (Triton) GPU kernels beside pure-JAX
-references with the same signatures, and a dispatcher that picks one (DESIGN.md section 6).
+"""Gated-delta-rule and attention kernels: Pallas GPU kernels beside pure-JAX references with
+the same signatures, and a dispatcher that picks one per operation.
 
 Modules:
-  gated_delta_rule          pure-JAX GDN references (chunked, recurrent, decode step, fused conv)
-  gated_delta_rule_pallas   Pallas GDN kernels
-  attention                 pure-JAX attention references (prefill, decode + lse, DCP merge)
-  attention_pallas          Pallas attention kernels
-  dispatch                  impl="auto" | "pallas" | "reference" entry points
+  gated_delta_rule          pure-JAX GDN references (chunked, recurrent, decode step)
+  gated_delta_rule_pallas   Pallas Triton GDN kernels (prepare / state / output, decode step)
+  attention                 pure-JAX attention references (blocked prefill and extend,
+                            decode + lse, split / DCP merge)
+  attention_pallas          Pallas Triton attention kernels (flash prefill / extend,
+                            split-KV decode)
+  *_mgpu                    Pallas Mosaic GPU kernels, registered in dispatch.MOSAIC_KERNELS
+  dispatch                  impl="auto" | "mosaic" | "triton" | "reference" entry points
+  errors                    the errors and warning every implementation shares
+  triton_common             tile rules, compiler params, in-kernel matmul, SM count
+  triton_offline            lower + compile the Triton kernels for sm_90 without a GPU
 """
 
 from jaxpar.kernels_pallas.attention import (
+    dcp_local_lengths,
     decode_attention,
+    extend_attention,
     merge_attention_partials,
     prefill_attention,
 )
 from jaxpar.kernels_pallas.dispatch import (
-    KernelFallbackWarning,
+    IMPLS,
+    OPS,
     KernelImpl,
-    PallasUnavailableError,
-    UnsupportedShapeError,
     attention_decode,
+    attention_extend,
     attention_prefill,
     gated_delta_rule_chunked,
-    gated_delta_rule_conv_decode,
     gated_delta_rule_decode,
+    implementations,
     resolve_impl,
+)
+from jaxpar.kernels_pallas.errors import (
+    KernelCompileError,
+    KernelFallbackWarning,
+    KernelUnavailableError,
+    PallasUnavailableError,
+    UnsupportedShapeError,
 )
 from jaxpar.kernels_pallas.gated_delta_rule import (
     chunk_gated_delta_rule,
-    fused_conv_gdn_decode_step,
     gated_delta_rule_step,
     recurrent_gated_delta_rule,
 )
 
 __all__ = [
     "KernelImpl",
+    "OPS",
+    "IMPLS",
     "KernelFallbackWarning",
+    "KernelUnavailableError",
+    "KernelCompileError",
     "PallasUnavailableError",
     "UnsupportedShapeError",
     "resolve_impl",
+    "implementations",
     "gated_delta_rule_chunked",
     "gated_delta_rule_decode",
-    "gated_delta_rule_conv_decode",
     "attention_prefill",
+    "attention_extend",
     "attention_decode",
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "gated_delta_rule_step",
-    "fused_conv_gdn_decode_step",
     "prefill_attention",
+    "extend_attention",
     "decode_attention",
     "merge_attention_partials",
+    "dcp_local_lengths",
 ]

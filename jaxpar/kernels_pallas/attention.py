@@ -1,8 +1,19 @@
-"""Pure-JAX reference attention: prefill (causal, ragged), decode with log-sum-exp output,
-and the decode-context-parallel (DCP) merge of partial results.
+"""Pure-JAX reference attention: prefill (causal, ragged), extend (chunked prefill over a
+cache), decode with log-sum-exp output, and the merge of partial results over disjoint KV
+shards (split-KV and decode context parallelism, DCP).
 
 GQA everywhere: H query heads, KVH key/value heads, H a multiple of KVH; query head h reads
 kv head h // (H // KVH). Scores and softmax are float32.
+
+Prefill and extend are blocked (flash-style): an online softmax over blocks of keys, so
+the scores never exist as a [T, T] (or [T, S]) array -- at most [block_q, block_k] per query
+block and head -- and key blocks past a row's length or past the causal diagonal are not
+visited. That makes them usable as the fallback for long prompts on a GPU as well as the
+CPU path.
+
+The DCP cache layout: with ``dcp_size`` ranks, the token at position p lives on rank
+p % dcp_size at local slot p // dcp_size; :func:`dcp_local_lengths` turns row lengths into
+each rank's count of valid slots, which are always a prefix of its slots.
 """
 
 from __future__ import annotations
@@ -11,9 +22,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["prefill_attention", "decode_attention", "merge_attention_partials"]
+__all__ = [
+    "prefill_attention",
+    "extend_attention",
+    "decode_attention",
+    "merge_attention_partials",
+    "dcp_local_lengths",
+]
 
 _PRECISION = lax.Precision.HIGHEST
+# Default block sizes of the blocked references: one block up to 512 tokens (tests and
+# short prompts run as plain attention), [512, 512] score tiles beyond.
+_BLOCK = 512
 
 
 def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -24,6 +44,38 @@ def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
     return q.reshape(*q.shape[:-2], num_kv_heads, h // num_kv_heads, q.shape[-1])
 
 
+def dcp_local_lengths(kv_lens: jax.Array, rank, size: int) -> jax.Array:
+    """Valid slots on DCP rank `rank` of `size` for rows holding kv_lens tokens.
+
+    Positions rank, rank + size, ... < kv_len live in local slots 0, 1, ...: their count is
+    ceil((kv_len - rank) / size), never negative. size 1 returns kv_lens.
+    """
+    if size == 1:
+        return kv_lens
+    return (kv_lens + (size - 1 - rank)) // size
+
+
+def _online_softmax_step(carry, s, v):
+    """One key block of the online softmax. carry = (acc [B, KVH, G, Q, D], m and l
+    [B, KVH, G, Q]); s [B, KVH, G, Q, K] scaled scores, -inf where masked; v [B, KVH, K, D]."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing seen yet
+    alpha = jnp.exp(m - m_safe)  # exp(-inf) = 0 for the first block a row sees
+    p = jnp.exp(s - m_safe[..., None])
+    l = alpha * l + jnp.sum(p, axis=-1)
+    acc = alpha[..., None] * acc + jnp.einsum("bhgqk,bhkd->bhgqd", p, v, precision=_PRECISION)
+    return acc, m_new, l
+
+
+def _finish(acc, m, l):
+    """Normalised output and lse; rows that saw no key get o = 0, lse = -inf."""
+    has_any = l > 0
+    o = acc / jnp.where(has_any, l, 1.0)[..., None]
+    lse = jnp.where(has_any, m + jnp.log(jnp.where(has_any, l, 1.0)), -jnp.inf)
+    return jnp.where(has_any[..., None], o, 0.0), lse
+
+
 def prefill_attention(
     q: jax.Array,
     k: jax.Array,
@@ -32,44 +84,126 @@ def prefill_attention(
     *,
     scale: float,
     causal: bool = True,
+    block_q: int = _BLOCK,
+    block_k: int = _BLOCK,
 ) -> jax.Array:
-    """Attention over right-padded rows.
+    """Attention over right-padded rows, blocked.
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, KVH, D].
       lengths: [B] int32, valid tokens per row (the rest is padding).
       scale: score scale (usually D ** -0.5).
       causal: key j is visible to query i only if j <= i.
+      block_q, block_k: tile sizes (clipped to T). Query blocks are mapped with
+        ``lax.map``; each walks its key blocks with a ``fori_loop`` that stops at the
+        longest row and, if causal, at the diagonal.
     Returns:
       [B, T, H, D] in q.dtype; padding query rows (i >= lengths[b]) are zero.
     """
     b, t, kvh, d = k.shape
-    qg = _group_queries(q, kvh)  # [B, T, KVH, G, D]
-    with jax.named_scope("prefill_scores"):
-        s = jnp.einsum(
-            "bqhgd,bkhd->bhgqk",
-            qg.astype(jnp.float32),
-            k.astype(jnp.float32),
-            precision=_PRECISION,
+    h = q.shape[2]
+    bq, bk = min(block_q, t), min(block_k, t)
+    tq, tk = -(-t // bq) * bq, -(-t // bk) * bk
+    qg = _group_queries(q, kvh).astype(jnp.float32)  # [B, T, KVH, G, D]
+    qg = jnp.pad(qg, ((0, 0), (0, tq - t), (0, 0), (0, 0), (0, 0)))
+    # Key blocks first: [nk, B, KVH, bk, D], so block j is a dynamic index on axis 0.
+    kb, vb = (
+        jnp.moveaxis(jnp.pad(x, ((0, 0), (0, tk - t), (0, 0), (0, 0))).astype(jnp.float32)
+                     .reshape(b, tk // bk, bk, kvh, d), (1, 3), (0, 2))  # fmt: skip
+        for x in (k, v)
+    )
+    # Query blocks: [nq, B, KVH, G, bq, D].
+    qb = jnp.moveaxis(qg.reshape(b, tq // bq, bq, kvh, h // kvh, d), (1, 2), (0, 4))
+    max_len = jnp.max(lengths)
+
+    def query_block(args):
+        qi, q_blk = args
+        q_pos = qi * bq + jnp.arange(bq)
+
+        def body(j, carry):
+            k_pos = j * bk + jnp.arange(bk)
+            s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, kb[j], precision=_PRECISION) * scale
+            mask = k_pos[None, :] < lengths[:, None]  # [B, bk]
+            mask = mask[:, None, :] & (q_pos[None, :, None] < lengths[:, None, None])
+            if causal:
+                mask = mask & (q_pos[:, None] >= k_pos[None, :])[None]
+            s = jnp.where(mask[:, None, None], s, -jnp.inf)
+            return _online_softmax_step(carry, s, vb[j])
+
+        n_blocks = (max_len + bk - 1) // bk
+        if causal:
+            n_blocks = jnp.minimum(n_blocks, ((qi + 1) * bq + bk - 1) // bk)
+        init = (
+            jnp.zeros(q_blk.shape, jnp.float32),
+            jnp.full(q_blk.shape[:-1], -jnp.inf, jnp.float32),
+            jnp.zeros(q_blk.shape[:-1], jnp.float32),
         )
-        s = s * scale
-    pos = jnp.arange(t)
-    key_ok = pos[None, :] < lengths[:, None]  # [B, Tk]
-    mask = key_ok[:, None, :]  # [B, Tq, Tk]
-    if causal:
-        mask = mask & (pos[:, None] >= pos[None, :])[None]
-    mask = mask & (pos[None, :, None] < lengths[:, None, None])  # padding queries see nothing
-    mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk]
-    with jax.named_scope("prefill_softmax"):
-        s = jnp.where(mask, s, -jnp.inf)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        # Rows with no visible key have m = -inf: use 0 so exp gives 0 instead of NaN.
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        p = jnp.exp(s - m)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        p = p / jnp.where(denom > 0, denom, 1.0)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=_PRECISION)
-    return o.reshape(q.shape).astype(q.dtype)
+        with jax.named_scope("prefill_key_blocks"):
+            acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+        return _finish(acc, m, l)[0]
+
+    o = lax.map(query_block, (jnp.arange(tq // bq), qb))  # [nq, B, KVH, G, bq, D]
+    o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, tq, h, d)[:, :t]
+    return o.astype(q.dtype)
+
+
+def extend_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    q_positions: jax.Array,
+    kv_lens: jax.Array,
+    *,
+    scale: float,
+    dcp_rank=0,
+    dcp_size: int = 1,
+    block_k: int = _BLOCK,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked prefill: T queries at `q_positions` over a cache that already holds them.
+
+    Args:
+      q: [B, T, H, D]; k_cache, v_cache: [B, S, KVH, D] local slots (DCP layout: slot s holds
+        position s * dcp_size + dcp_rank).
+      q_positions: [B, T] int32 position of each query; kv_lens: [B] int32 tokens in the
+        cache (including this chunk). Slot position p is visible to a query at position i
+        iff p <= i and p < kv_lens[b]; queries at positions >= kv_lens[b] are padding.
+      dcp_rank: this rank (a traced scalar inside ``shard_map``); dcp_size: ranks.
+      block_k: slots per step; the loop stops at this rank's longest valid prefix.
+    Returns:
+      (o [B, T, H, D] float32, lse [B, T, H] float32); o = 0, lse = -inf where no slot is
+      visible (merge ranks with :func:`merge_attention_partials`).
+    """
+    b, t, h, d = q.shape
+    s_len, kvh = k_cache.shape[1], k_cache.shape[2]
+    bk = min(block_k, s_len)
+    sp = -(-s_len // bk) * bk
+    qg = jnp.moveaxis(_group_queries(q, kvh).astype(jnp.float32), 1, 3)  # [B, KVH, G, T, D]
+    kb, vb = (
+        jnp.moveaxis(jnp.pad(c, ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
+                     .reshape(b, sp // bk, bk, kvh, d), (1, 3), (0, 2))  # fmt: skip
+        for c in (k_cache, v_cache)
+    )  # [nk, B, KVH, bk, D] in the cache dtype: each step converts one block
+    n_valid = jnp.max(dcp_local_lengths(kv_lens, dcp_rank, dcp_size))
+
+    def body(j, carry):
+        slot_pos = (j * bk + jnp.arange(bk)) * dcp_size + dcp_rank  # [bk]
+        s = jnp.einsum("bhgtd,bhkd->bhgtk", qg, kb[j].astype(jnp.float32),
+                       precision=_PRECISION) * scale  # fmt: skip
+        ok = (slot_pos[None, None, :] <= q_positions[:, :, None]) & (
+            slot_pos[None, None, :] < kv_lens[:, None, None]
+        ) & (q_positions < kv_lens[:, None])[:, :, None]  # [B, T, bk]; padding queries: none
+        s = jnp.where(ok[:, None, None], s, -jnp.inf)
+        return _online_softmax_step(carry, s, vb[j].astype(jnp.float32))
+
+    init = (
+        jnp.zeros(qg.shape, jnp.float32),
+        jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32),
+        jnp.zeros(qg.shape[:-1], jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(0, (n_valid + bk - 1) // bk, body, init)
+    o, lse = _finish(acc, m, l)  # [B, KVH, G, T, D], [B, KVH, G, T]
+    return (jnp.moveaxis(o, 3, 1).reshape(b, t, h, d),
+            jnp.moveaxis(lse, 3, 1).reshape(b, t, h))  # fmt: skip
 
 
 def decode_attention(
@@ -79,24 +213,20 @@ def decode_attention(
     kv_lens: jax.Array,
     *,
     scale: float,
-    slot_positions: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One query token per row against a KV cache.
+    """One query token per row against a KV cache whose first kv_lens[b] slots are valid.
 
     Args:
-      q: [B, H, D]; k_cache, v_cache: [B, S, KVH, D]; kv_lens: [B] int32.
+      q: [B, H, D]; k_cache, v_cache: [B, S, KVH, D]; kv_lens: [B] int32 valid slots (under
+        DCP: :func:`dcp_local_lengths` of the row lengths).
       scale: score scale.
-      slot_positions: optional [S] int32 token position held by each cache slot (a DCP
-        shard holds positions rank, rank + dcp, ...); default slot s holds position s.
-        Slot s is valid for row b iff its position < kv_lens[b].
     Returns:
       (o [B, H, D] float32, lse [B, H] float32 log-sum-exp of the scaled scores). A row with
       no valid slot gives o = 0 and lse = -inf.
     """
     b, s_len, kvh, d = k_cache.shape
     qg = _group_queries(q, kvh)  # [B, KVH, G, D]
-    pos = jnp.arange(s_len) if slot_positions is None else slot_positions
-    valid = pos[None, :] < kv_lens[:, None]  # [B, S]
+    valid = jnp.arange(s_len)[None, :] < kv_lens[:, None]  # [B, S]
     with jax.named_scope("decode_scores"):
         s = jnp.einsum(
             "bhgd,bshd->bhgs",
@@ -117,20 +247,20 @@ def decode_attention(
 
 
 def merge_attention_partials(os: jax.Array, lses: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Merges attention computed over disjoint KV shards (DESIGN.md section 5, DCP merge).
+    """Merges attention computed over disjoint KV shards (KV splits or DCP ranks).
 
     Args:
-      os: [R, ..., D] per-rank outputs (each normalised over its own shard).
-      lses: [R, ...] per-rank log-sum-exp (-inf for a rank that saw no valid key).
+      os: [R, ..., D] per-shard outputs (each normalised over its own shard).
+      lses: [R, ...] per-shard log-sum-exp (-inf for a shard that saw no valid key).
     Returns:
       (o [..., D] float32, lse [...] float32): m = max_r lse_r, w_r = exp(lse_r - m),
-      o = sum_r w_r o_r / sum_r w_r, lse = m + log(sum_r w_r). Where every rank is -inf,
+      o = sum_r w_r o_r / sum_r w_r, lse = m + log(sum_r w_r). Where every shard is -inf,
       o = 0 and lse = -inf.
     """
     lses = lses.astype(jnp.float32)
     m = jnp.max(lses, axis=0)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lses - m_safe)  # 0 for -inf ranks
+    w = jnp.exp(lses - m_safe)  # 0 for -inf shards
     total = jnp.sum(w, axis=0)
     has_any = total > 0
     o = jnp.sum(w[..., None] * os.astype(jnp.float32), axis=0)

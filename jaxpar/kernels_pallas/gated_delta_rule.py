@@ -10,14 +10,11 @@ Per value head the recurrent state ``S`` is ``[Dk, Dv]`` (float32). With l2-norm
 
 Three forms live here, all with float32 maths and outputs in ``v.dtype``:
 
-* :func:`chunk_gated_delta_rule` -- the chunked WY/UT form (DESIGN.md section 5): the
+* :func:`chunk_gated_delta_rule` -- the chunked WY/UT form: the
   intra-chunk work is batched over groups of chunks and only the chunk-to-chunk state
   carry is sequential (``lax.scan``). This is the prefill path.
 * :func:`recurrent_gated_delta_rule` -- token-by-token ``lax.scan`` (the definition).
 * :func:`gated_delta_rule_step` -- one decode token.
-
-and :func:`fused_conv_gdn_decode_step`, the decode step preceded by the causal depthwise
-conv1d + SiLU over ``[q | k | v]`` channels (reference for the fused Pallas kernel).
 
 GQA: ``Hv`` is a multiple of ``Hk``; value head ``h`` reads key head ``h // (Hv // Hk)``
 (``torch.repeat_interleave`` semantics, as in Hugging Face and vLLM).
@@ -34,9 +31,6 @@ __all__ = [
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "gated_delta_rule_step",
-    "causal_conv1d_update",
-    "split_conv_channels",
-    "fused_conv_gdn_decode_step",
 ]
 
 # The reference is the numerical baseline: ask for true float32 matmuls even on GPU,
@@ -403,81 +397,3 @@ def gated_delta_rule_step(
         beta.astype(jnp.float32),
     )
     return o.astype(v.dtype), s
-
-
-# ------------------------------------------------------------------ fused conv + decode
-
-
-def causal_conv1d_update(
-    x: jax.Array,
-    conv_state: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """One decode token of the causal depthwise conv1d followed by SiLU.
-
-    Args:
-      x: [B, C] the new token's channels.
-      conv_state: [B, C, S] the last S inputs, oldest first, with S >= K - 1 (Hugging Face
-        keeps S = K, vLLM S = K - 1; only the last K - 1 are read).
-      weight: [C, K] depthwise taps (weight[:, -1] multiplies the newest input).
-      bias: optional [C].
-    Returns:
-      (silu(conv) [B, C] in x.dtype, new conv_state [B, C, S] in conv_state.dtype).
-    """
-    ksize = weight.shape[-1]
-    if conv_state.shape[-1] < ksize - 1:
-        raise ValueError(
-            f"conv_state keeps {conv_state.shape[-1]} steps but kernel size {ksize} needs "
-            f">= {ksize - 1}"
-        )
-    full = jnp.concatenate([conv_state, x[..., None].astype(conv_state.dtype)], axis=-1)
-    window = full[..., full.shape[-1] - ksize :].astype(jnp.float32)
-    y = jnp.sum(window * weight.astype(jnp.float32), axis=-1)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    y = jax.nn.silu(y)
-    return y.astype(x.dtype), full[..., 1:]
-
-
-def split_conv_channels(x: jax.Array, num_k_heads: int, head_k_dim: int, num_v_heads: int):
-    """[B, C] with C = 2 * Hk * Dk + Hv * Dv laid out [q | k | v] -> q, k [B, Hk, Dk],
-    v [B, Hv, Dv]."""
-    qk = num_k_heads * head_k_dim
-    q = x[:, :qk].reshape(x.shape[0], num_k_heads, head_k_dim)
-    k = x[:, qk : 2 * qk].reshape(x.shape[0], num_k_heads, head_k_dim)
-    v = x[:, 2 * qk :].reshape(x.shape[0], num_v_heads, -1)
-    return q, k, v
-
-
-def fused_conv_gdn_decode_step(
-    mixed_qkv: jax.Array,
-    conv_state: jax.Array,
-    conv_weight: jax.Array,
-    conv_bias: jax.Array | None,
-    g: jax.Array,
-    beta: jax.Array,
-    state: jax.Array,
-    *,
-    num_k_heads: int,
-    head_k_dim: int,
-    num_v_heads: int,
-    use_qk_l2norm: bool = True,
-    scale: float | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Conv-state shift + causal depthwise conv1d + SiLU + one gated-delta-rule token.
-
-    Args:
-      mixed_qkv: [B, C] pre-conv projections, channels [q (Hk*Dk) | k (Hk*Dk) | v (Hv*Dv)]
-        (per tensor-parallel rank this is [q_r | k_r | v_r], DESIGN.md section 5).
-      conv_state: [B, C, S], S >= K - 1; conv_weight: [C, K]; conv_bias: [C] or None.
-      g, beta: [B, Hv]; state: [B, Hv, Dk, Dv] float32.
-    Returns:
-      (o [B, Hv, Dv] in mixed_qkv.dtype, new conv_state [B, C, S], new state).
-    """
-    y, conv_state = causal_conv1d_update(mixed_qkv, conv_state, conv_weight, conv_bias)
-    q, k, v = split_conv_channels(y, num_k_heads, head_k_dim, num_v_heads)
-    o, state = gated_delta_rule_step(
-        q, k, v, g, beta, state, use_qk_l2norm=use_qk_l2norm, scale=scale
-    )
-    return o, conv_state, state

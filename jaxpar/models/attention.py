@@ -71,21 +71,22 @@ class Attention(nnx.Module):
         """
         x = self.rules.constrain(x, ("batch", "seq", "embed"))
         q, k, v, gate = self._qkv(x, positions)
-        kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=self.scale,
-                  impl=self.options.kernel_impl)
+        kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, scale=self.scale)
+        impl = self.options.impl_for
         if mode == "prefill":
             with jax.named_scope("prefill_attention"):
                 o = dispatch.attention_prefill(q, k, v, lengths, scale=self.scale,
-                                               impl=self.options.kernel_impl)
+                                               impl=impl("attention_prefill"))
             if cache is not None:
                 cache = kv_parallel.write_prefill(self.rules, k, v, cache)
         elif mode == "extend":
             with jax.named_scope("extend_attention"):
-                o, cache = kv_parallel.extend_attention(self.rules, q, k, v, cache, positions, lengths, **kw)
+                o, cache = kv_parallel.extend_attention(self.rules, q, k, v, cache, positions, lengths,
+                                                        impl=impl("attention_extend"), **kw)
         elif mode == "decode":
             with jax.named_scope("decode_attention"):
                 o, cache = kv_parallel.decode_attention(self.rules, q[:, 0], k[:, 0], v[:, 0], cache,
-                                                        positions[:, 0], **kw)
+                                                        positions[:, 0], impl=impl("attention_decode"), **kw)
             o = o[:, None]
         else:
             raise ValueError(f"unknown mode {mode!r}")

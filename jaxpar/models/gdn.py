@@ -163,17 +163,17 @@ class GatedDeltaNet(nnx.Module):
              * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)))
         g = g.reshape(bsz, t, hv)
         v = v.reshape(bsz, t, hv, dv)
-        impl = self.options.kernel_impl
+        impl = self.options.impl_for
         with jax.named_scope("gated_delta_rule"):
             if mode == "decode":
                 if state is None:
                     raise ValueError("decode needs a cache")
                 o, state = dispatch.gated_delta_rule_decode(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
-                                                            state, impl=impl)
+                                                            state, impl=impl("gated_delta_rule_decode"))
                 o = o[:, None]
             else:
                 o, state = dispatch.gated_delta_rule_chunked(q, k, v, g, beta, initial_state=state,
-                                                             lengths=lengths, impl=impl)
+                                                             lengths=lengths, impl=impl("gated_delta_rule_chunked"))
         o = self.norm(o.astype(x.dtype), z.reshape(bsz, t, hv, dv))
         out = self.out_proj(o.reshape(bsz, t, hk, r * dv))
         out = self.rules.constrain(out, ("batch", "seq", "embed"))

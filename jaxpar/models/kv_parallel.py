@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.kernels_pallas import dispatch
+from jaxpar.kernels_pallas.attention import dcp_local_lengths
 from jaxpar.models.cache import KVCache
 from jaxpar.sharding.axis_rules import AxisRules
 
@@ -65,10 +66,10 @@ def decode_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
         mine = (lengths % n_dcp == rank)[:, None, None]
         kc = kc.at[rows, slot].set(jnp.where(mine, k_new.astype(kc.dtype), kc[rows, slot]))
         vc = vc.at[rows, slot].set(jnp.where(mine, v_new.astype(vc.dtype), vc[rows, slot]))
-        positions = jnp.arange(kc.shape[1], dtype=jnp.int32) * n_dcp + rank
         kk, vv = _kv_for_local_heads(rules, kc, vc, num_heads, num_kv_heads, q.shape[1])
-        o, lse = dispatch.attention_decode(q, kk, vv, lengths + 1, scale=scale,
-                                           slot_positions=positions, impl=impl)
+        # This rank's valid slots are a prefix: blocks past it are never read.
+        local_lens = dcp_local_lengths(lengths + 1, rank, n_dcp)
+        o, lse = dispatch.attention_decode(q, kk, vv, local_lens, scale=scale, impl=impl)
         if n_dcp > 1:
             o = merge_over_ranks(o, lse, dcp_axes)
         return o, kc, vc
@@ -112,26 +113,11 @@ def write_prefill(rules: AxisRules, k: jax.Array, v: jax.Array, cache: KVCache) 
     return KVCache(k=kc, v=vc)
 
 
-def _attend_slots(q, k, v, q_pos, slot_pos, kv_valid, scale):
-    """Plain masked attention of T queries over cache slots, returning (o, lse) so DCP
-    ranks can merge. q [B, T, H, D]; k, v [B, S, H, D] (already one KV head per q head);
-    q_pos [B, T]; slot_pos [S]; kv_valid [B]. o float32 [B, T, H, D], lse [B, T, H]."""
-    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    ok = (slot_pos[None, None, :] <= q_pos[:, :, None]) & (slot_pos[None, None, :] < kv_valid[:, None, None])
-    s = jnp.where(ok[:, None], s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, T]
-    p = jnp.where(ok[:, None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32))
-    return o, jnp.transpose(lse, (0, 2, 1))
-
-
 def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                      cache: KVCache, positions: jax.Array, lengths: jax.Array, *, num_heads: int,
                      num_kv_heads: int, scale: float, impl: str) -> tuple[jax.Array, KVCache]:
     """Chunked prefill: T new tokens at `positions` [B, T] continue a filled cache.
-    q [B, T, H, D]; k_new, v_new [B, T, KVH, D]; lengths [B] valid new tokens per row.
-    (Pure JAX under every impl: there is no dedicated kernel for this path.)"""
-    del impl
+    q [B, T, H, D]; k_new, v_new [B, T, KVH, D]; lengths [B] valid new tokens per row."""
     dcp_axes = rules.axes_for("cache_seq")
     n_dcp = rules.size("cache_seq")
 
@@ -142,12 +128,10 @@ def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
         mine = (positions % n_dcp == rank)[..., None, None]
         kc = kc.at[rows, slot].set(jnp.where(mine, k_new.astype(kc.dtype), kc[rows, slot]))
         vc = vc.at[rows, slot].set(jnp.where(mine, v_new.astype(vc.dtype), vc[rows, slot]))
-        slot_pos = jnp.arange(kc.shape[1], dtype=jnp.int32) * n_dcp + rank
         kk, vv = _kv_for_local_heads(rules, kc, vc, num_heads, num_kv_heads, q.shape[2])
-        if kk.shape[2] != q.shape[2]:  # local GQA: repeat each KV head over its q heads
-            kk, vv = (jnp.repeat(a, q.shape[2] // a.shape[2], axis=2) for a in (kk, vv))
         kv_valid = positions[:, 0] + lengths
-        o, lse = _attend_slots(q, kk, vv, positions, slot_pos, kv_valid, scale)
+        o, lse = dispatch.attention_extend(q, kk, vv, positions, kv_valid, scale=scale,
+                                           dcp_rank=rank, dcp_size=n_dcp, impl=impl)
         if n_dcp > 1:
             o = merge_over_ranks(o, lse, dcp_axes)
         return o, kc, vc

@@ -7,10 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
-from jaxpar.kernels_pallas import dispatch
 from jaxpar.kernels_pallas import gated_delta_rule as ref
 from jaxpar.kernels_pallas import gated_delta_rule_pallas as gdn_pallas
 
@@ -30,8 +27,19 @@ def make_inputs(b, t, hk, hv, dk, dv, *, seed=0, dtype=np.float32):
     return dict(q=cast(q), k=cast(k), v=cast(v), g=jnp.asarray(g), beta=jnp.asarray(beta), s0=s0)
 
 
+def hf_module():
+    """transformers' Qwen3-Next modeling module (the torch reference), or skip without torch."""
+    pytest.importorskip("torch", reason="the Hugging Face reference needs torch")
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    return modeling_qwen3_next
+
+
 def hf_reference(x, *, chunked: bool):
     """Runs transformers' torch_{chunk,recurrent}_gated_delta_rule on the same inputs."""
+    import torch
+
+    hf = hf_module()
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
     fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
     o, s = fn(
@@ -141,42 +149,6 @@ def test_decode_steps_equal_recurrent():
     assert_close(state, np.asarray(s_r))
 
 
-def conv_inputs(b, hk, dk, hv, dv, ksize, state_len, seed=8):
-    rng = np.random.default_rng(seed)
-    c = 2 * hk * dk + hv * dv
-    f = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
-    return dict(
-        mixed_qkv=f(b, c), conv_state=f(b, c, state_len), conv_weight=0.5 * f(c, ksize),
-        conv_bias=0.1 * f(c), g=-0.3 * jnp.abs(f(b, hv)), beta=jax.nn.sigmoid(f(b, hv)),
-        state=0.1 * f(b, hv, dk, dv),
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("state_len", [4, 3])  # HF keeps K inputs, vLLM K - 1
-def test_fused_conv_decode_reference_matches_hf(state_len):
-    hk, dk, hv, dv = 1, 16, 2, 16
-    x = conv_inputs(2, hk, dk, hv, dv, 4, state_len)
-    kw = dict(num_k_heads=hk, head_k_dim=dk, num_v_heads=hv)
-    o, conv_state, state = jax.jit(lambda x: ref.fused_conv_gdn_decode_step(**x, **kw))(x)
-    # HF: causal_conv1d_update (SiLU) on [B, C, 1], then the recurrent rule on one token.
-    t = lambda a: torch.from_numpy(np.array(a))
-    hf_state = t(x["conv_state"])
-    y = hf.causal_conv1d_update(
-        t(x["mixed_qkv"])[..., None], hf_state, t(x["conv_weight"]), t(x["conv_bias"]), "silu"
-    )[..., 0]
-    qk = hk * dk
-    q_hf = y[:, :qk].reshape(2, 1, hk, dk)
-    k_hf = y[:, qk : 2 * qk].reshape(2, 1, hk, dk)
-    v_hf = y[:, 2 * qk :].reshape(2, 1, hv, dv)
-    o_hf, s_hf = hf.torch_recurrent_gated_delta_rule(
-        q_hf, k_hf, v_hf, t(x["g"])[:, None], t(x["beta"])[:, None],
-        initial_state=t(x["state"]), output_final_state=True, use_qk_l2norm_in_kernel=True,
-    )  # fmt: skip
-    assert_close(o, o_hf[:, 0].numpy())
-    assert_close(state, s_hf.numpy())
-    assert_close(conv_state, hf_state.numpy())  # HF shifts its conv state in place
-
-
 # ------------------------------------------------------------------------ Pallas kernels
 
 
@@ -193,6 +165,7 @@ def run_pallas_chunk(x, **kw):
     [((2, 40, 1, 2, 16, 32), 16, 16), ((1, 20, 2, 2, 32, 16), 32, None)],
 )
 def test_pallas_chunk_matches_reference(shape, chunk, block_v):
+    """Small tiles: chunk 16 (one 16 x 16 inverse block) and 32 (two, merged)."""
     x = make_inputs(*shape, seed=9)
     lengths = jnp.array([shape[1], shape[1] // 2 + 1][: shape[0]], jnp.int32)
     o, s = run_pallas_chunk(x, lengths=lengths, chunk_size=chunk, block_v=block_v)
@@ -201,72 +174,41 @@ def test_pallas_chunk_matches_reference(shape, chunk, block_v):
     assert_close(s, np.asarray(s_r))
 
 
-def test_pallas_chunk_bf16():
-    x = make_inputs(1, 40, 1, 2, 16, 16, seed=10, dtype=jnp.bfloat16)
-    o, s = run_pallas_chunk(x, chunk_size=16)
-    o_r, s_r = run_ref(ref.chunk_gated_delta_rule, x)
-    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
-    # bf16 matmul operands (float32 accumulation) against an all-float32 reference.
-    assert_close(o, np.asarray(o_r, np.float32), rtol=5e-2, atol=5e-2)
-    assert_close(s, np.asarray(s_r), rtol=5e-2, atol=5e-2)
+@pytest.mark.parametrize(
+    "d,dtype,tol",
+    [(128, jnp.bfloat16, 4e-2), (256, jnp.bfloat16, 4e-2), (128, jnp.float32, 2e-4)],
+    ids=["d128-bf16", "d256-bf16", "d128-f32"],
+)
+def test_pallas_chunk_production_tiles(d, dtype, tol):
+    """Dk = Dv = d, chunk 64 (4 x 4 inverse blocks), default tiles, T = 100 (not a multiple
+    of the chunk), GQA (Hv = 2 Hk), a ragged second row, a non-zero initial state."""
+    x = make_inputs(2, 100, 1, 2, d, d, seed=13, dtype=dtype)
+    lengths = jnp.array([100, 70], jnp.int32)
+    o, s = run_pallas_chunk(x, lengths=lengths, chunk_size=64)
+    o_r, s_r = run_ref(ref.chunk_gated_delta_rule, x, lengths=lengths)
+    assert o.dtype == dtype and s.dtype == jnp.float32
+    # bf16: bf16 matmul operands (float32 accumulation) against an all-float32 reference.
+    assert_close(o, np.asarray(o_r, np.float32), rtol=tol, atol=tol)
+    assert_close(s, np.asarray(s_r), rtol=tol, atol=tol)
+    assert not np.any(np.asarray(o[1, 70:], np.float32))
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, ATOL), (jnp.bfloat16, 2e-2)])
-def test_pallas_decode_step_matches_reference(dtype, tol):
-    x = make_inputs(2, 1, 2, 4, 16, 32, seed=11, dtype=dtype)
+def test_chunk_tiles_fill_the_gpu():
+    # B x Hv = 32 programs: block_v shrinks until 32 x Dv / block_v >= 132 SMs (or 16).
+    assert gdn_pallas.chunk_tiles(128, 128, jnp.bfloat16, 32, sms=132)["block_v"] == 16
+    assert gdn_pallas.chunk_tiles(128, 128, jnp.bfloat16, 512, sms=132)["block_v"] == 64
+    assert gdn_pallas.chunk_tiles(256, 256, jnp.bfloat16, 512, sms=132)["block_v"] == 32
+
+
+@pytest.mark.parametrize(
+    "d,dtype,tol", [(128, jnp.float32, ATOL), (256, jnp.bfloat16, 2e-2)], ids=["d128-f32", "d256-bf16"]
+)
+def test_pallas_decode_step_matches_reference(d, dtype, tol):
+    x = make_inputs(2, 1, 2, 4, d, d, seed=11, dtype=dtype)
     args = [x[n][:, 0] for n in ("q", "k", "v", "g", "beta")] + [jnp.asarray(x["s0"])]
-    run = jax.jit(lambda *a: gdn_pallas.gated_delta_rule_step_pallas(*a, block_v=16, interpret=True))
+    run = jax.jit(lambda *a: gdn_pallas.gated_delta_rule_step_pallas(*a, interpret=True))
     o, s = run(*args)
     o_r, s_r = jax.jit(ref.gated_delta_rule_step)(*args)
     assert o.dtype == dtype
     assert_close(o, np.asarray(o_r, np.float32), rtol=tol, atol=tol)
     assert_close(s, np.asarray(s_r), rtol=RTOL, atol=ATOL)
-
-
-def test_pallas_fused_conv_decode_matches_reference():
-    hk, dk, hv, dv = 2, 16, 4, 16
-    x = conv_inputs(2, hk, dk, hv, dv, 4, 3)
-    kw = dict(num_k_heads=hk, head_k_dim=dk, num_v_heads=hv)
-    run = jax.jit(lambda x: gdn_pallas.fused_conv_gdn_decode_step_pallas(**x, **kw, interpret=True))
-    o, c, s = run(x)
-    o_r, c_r, s_r = jax.jit(lambda x: ref.fused_conv_gdn_decode_step(**x, **kw))(x)
-    assert_close(o, np.asarray(o_r))
-    assert_close(c, np.asarray(c_r), rtol=0, atol=0)
-    assert_close(s, np.asarray(s_r))
-
-
-# ------------------------------------------------------------------------------ dispatch
-
-
-def test_dispatch_reference_and_interpret_agree():
-    x = make_inputs(1, 24, 1, 2, 16, 16, seed=12)
-    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
-    run = jax.jit(
-        dispatch.gated_delta_rule_chunked, static_argnames=("chunk_size", "impl", "interpret")
-    )
-    o_r, s_r = run(*args, chunk_size=16, impl="reference")
-    o_p, s_p = run(*args, chunk_size=16, impl="pallas", interpret=True)
-    assert_close(o_p, np.asarray(o_r))
-    assert_close(s_p, np.asarray(s_r))
-    if jax.default_backend() != "gpu":  # on CPU "auto" is the reference
-        o_a, _ = run(*args, chunk_size=16)
-        assert_close(o_a, np.asarray(o_r), rtol=0, atol=0)
-
-
-def test_dispatch_pallas_without_gpu_raises():
-    if jax.default_backend() == "gpu":
-        pytest.skip("has a GPU")
-    x = make_inputs(1, 4, 1, 1, 16, 16)
-    with pytest.raises(dispatch.PallasUnavailableError, match="needs a GPU"):
-        dispatch.gated_delta_rule_chunked(x["q"], x["k"], x["v"], x["g"], x["beta"], impl="pallas")
-
-
-def test_dispatch_unsupported_shape_is_loud():
-    x = make_inputs(1, 8, 1, 1, 24, 16)  # Dk = 24 is not a power of two
-    args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
-    run = jax.jit(dispatch.gated_delta_rule_chunked, static_argnames=("impl", "interpret"))
-    with pytest.raises(dispatch.UnsupportedShapeError, match="Dk=24"):
-        run(*args, impl="pallas", interpret=True)
-    with pytest.warns(dispatch.KernelFallbackWarning, match="Dk=24"):
-        o, _ = run(*args, impl="auto", interpret=True)
-    assert_close(o, np.asarray(jax.jit(ref.chunk_gated_delta_rule)(*args)[0]))
