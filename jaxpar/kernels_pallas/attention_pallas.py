@@ -64,7 +64,7 @@ def prefill_tiles(head_dim: int, dtype) -> dict:
     Measured for sm_90 with ``scripts/kernel_resources.py`` (registers / spills): head_dim
     128 takes 128-row query blocks on 8 warps (233 registers, no spills); head_dim 256 keeps
     8 warps but 64-row blocks (128-row ones spill 400-500 bytes with 8 or 16 warps; 4 warps
-    spill at any block). float32 (split-bf16 MMA, more registers) halves the key block.
+    spill at any block). float32 (split-bf16 MMA, more registers) takes 64 x 32 tiles.
     """
     if head_dim <= 64:
         tiles = dict(block_q=64, block_k=64, num_warps=4, num_stages=2)
@@ -73,14 +73,15 @@ def prefill_tiles(head_dim: int, dtype) -> dict:
     else:
         tiles = dict(block_q=64, block_k=64, num_warps=8, num_stages=2)
     if jnp.dtype(dtype) == jnp.float32:
-        tiles = dict(tiles, block_k=32)
+        tiles = dict(tiles, block_q=64, block_k=32)
     return tiles
 
 
 def decode_tiles(head_dim: int, dtype) -> dict:
-    """block_k, num_warps, num_stages of the split-KV decode kernel."""
-    del dtype
-    return dict(block_k=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    """block_k, num_warps, num_stages of the split-KV decode kernel (float32 at head_dim
+    256 needs 8 warps not to spill)."""
+    warps = 8 if (head_dim > 128 and jnp.dtype(dtype) == jnp.float32) else 4
+    return dict(block_k=64 if head_dim <= 128 else 32, num_warps=warps, num_stages=2)
 
 
 def decode_num_splits(batch: int, kv_heads: int, cache_len: int, block_k: int,
