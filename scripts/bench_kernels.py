@@ -1,21 +1,24 @@
 """Benchmark the gated-delta-rule and attention kernels.
 
-On a GPU backend: times each Pallas kernel against the pure-JAX reference (and, when
-importable, flash-linear-attention's ``chunk_gated_delta_rule`` and
-``jax.nn.dot_product_attention(implementation="cudnn")``), reporting TFLOP/s for the
-compute-bound kernels (chunked GDN, prefill attention) and GB/s for the memory-bound ones
-(decode). On CPU: says so, runs a small reference-only version, and times the chunked GDN
+On a GPU backend: times what the model calls -- each operation through
+``jaxpar.kernels_pallas.dispatch`` with the model's arguments and the kernels' default
+tiles (decode: a prefix of valid slots in a larger cache, splits chosen for the GPU) --
+for every implementation that runs there (Mosaic GPU when registered, Triton, the pure-JAX
+reference), beside flash-linear-attention's ``chunk_gated_delta_rule`` and
+``jax.nn.dot_product_attention(implementation="cudnn")`` when importable. TFLOP/s for the
+compute-bound operations (chunked GDN, prefill attention), GB/s of the bytes actually
+needed for the memory-bound ones (decode). ``scripts/gpu_check.py`` is the one-shot check
+with correctness and the end-to-end numbers. On CPU: says so, runs a small reference-only version, and times the chunked GDN
 reference against Hugging Face's ``torch_chunk_gated_delta_rule`` (tokens/s for both).
 
 Usage:
-  python scripts/bench_kernels.py --out bench_kernels.json
+  python scripts/bench_kernels.py                  # -> results/bench_kernels.json
   python scripts/bench_kernels.py --skip-hf --repeats 3        # quick CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jaxpar.kernels_pallas import attention as attn_ref  # noqa: E402
 from jaxpar.kernels_pallas import gated_delta_rule as gdn_ref  # noqa: E402
@@ -119,19 +123,27 @@ def gpu_configs(args) -> dict:
     whole script works, e.g. after a JAX upgrade)."""
     if args.smoke:
         return dict(gdn_chunk=[(1, 128, 1, 2, 64)], gdn_decode=[(4, 1, 2, 64)],
-                    prefill=[(1, 128, 4, 2, 64)], decode=[(2, 256, 4, 2, 64)])  # fmt: skip
+                    prefill=[(1, 128, 4, 2, 64)], decode=[(2, 256, 4, 2, 64, 100)])  # fmt: skip
     t, ta = args.gdn_tokens, args.attn_tokens
     return dict(
-        gdn_chunk=[(1, t, 4, 8, 128), (4, t, 16, 32, 128)],  # (B, T, Hk, Hv, D)
-        gdn_decode=[(32, 4, 8, 128), (128, 16, 32, 128)],  # (B, Hk, Hv, D)
-        prefill=[(1, ta, 32, 8, 128), (4, ta // 2, 16, 2, 64)],  # (B, T, H, KVH, D)
-        decode=[(32, 8192, 32, 8, 128), (128, 4096, 16, 2, 64)],  # (B, S, H, KVH, D)
+        gdn_chunk=[(1, t, 16, 32, 128), (4, t, 16, 32, 128)],  # (B, T, Hk, Hv, D): Qwen3-Next
+        gdn_decode=[(32, 16, 32, 128), (128, 16, 32, 128)],  # (B, Hk, Hv, D)
+        prefill=[(1, ta, 32, 8, 128), (1, ta, 16, 2, 256)],  # (B, T, H, KVH, D)
+        # (B, S, H, KVH, D, kv_len): cache capacity S, kv_len tokens held
+        decode=[(1, 32768, 16, 2, 256, 1024), (1, 32768, 16, 2, 256, 32768),
+                (32, 8192, 32, 8, 128, 4096), (128, 4096, 16, 2, 256, 2048)],
     )
 
 
+def _impls(op: str) -> list[str]:
+    """Every implementation of op that runs here (auto = what the model gets is the first)."""
+    from jaxpar.kernels_pallas import dispatch
+
+    return list(dispatch.implementations(op))
+
+
 def bench_gpu(args, rows: list) -> None:
-    from jaxpar.kernels_pallas import attention_pallas as attn_pl
-    from jaxpar.kernels_pallas import gated_delta_rule_pallas as gdn_pl
+    from jaxpar.kernels_pallas import dispatch
 
     dtype = jnp.bfloat16
     rep = args.repeats
@@ -139,9 +151,12 @@ def bench_gpu(args, rows: list) -> None:
     for b, t, hk, hv, d in cfg["gdn_chunk"]:
         name = f"gdn_chunk B{b} T{t} Hk{hk} Hv{hv} D{d}"
         x = gdn_inputs(b, t, hk, hv, d, d, dtype)
+        lengths = jnp.full((b,), t, jnp.int32)
+        state = jnp.zeros((b, hv, d, d), jnp.float32)
         flops = gdn_chunk_flops(b, t, hv, d, d)
-        for impl, fn in [("pallas", gdn_pl.chunk_gated_delta_rule_pallas),
-                         ("jax_reference", gdn_ref.chunk_gated_delta_rule)]:  # fmt: skip
+        for impl in _impls("gated_delta_rule_chunked"):
+            fn = lambda *a, impl=impl: dispatch.gated_delta_rule_chunked(
+                *a, initial_state=state, lengths=lengths, impl=impl)  # fmt: skip
             record(rows, name, impl, time_fn(jax_timer(fn, *x), repeats=rep), flops=flops,
                    tokens=b * t)  # fmt: skip
         bench_fla(rows, name, x, flops, b * t, rep)
@@ -151,8 +166,8 @@ def bench_gpu(args, rows: list) -> None:
         q, k, v, g, beta = (a[:, 0] for a in gdn_inputs(b, 1, hk, hv, d, d, dtype))
         state = jnp.zeros((b, hv, d, d), jnp.float32)
         state_bytes = 2 * state.size * 4  # read + write: the state dominates traffic
-        for impl, fn in [("pallas", gdn_pl.gated_delta_rule_step_pallas),
-                         ("jax_reference", gdn_ref.gated_delta_rule_step)]:  # fmt: skip
+        for impl in _impls("gated_delta_rule_decode"):
+            fn = lambda *a, impl=impl: dispatch.gated_delta_rule_decode(*a, impl=impl)
             record(rows, name, impl, time_fn(jax_timer(fn, q, k, v, g, beta, state), repeats=rep),
                    bytes_=state_bytes, tokens=b)  # fmt: skip
 
@@ -162,13 +177,11 @@ def bench_gpu(args, rows: list) -> None:
         lengths = jnp.full((b,), t, jnp.int32)
         flops = 4.0 * b * h * t * t * d / 2  # causal: half of QK^T and PV
         scale = d**-0.5
-        runs = [
-            ("pallas", lambda q, k, v, n: attn_pl.prefill_attention_pallas(q, k, v, n, scale=scale)),
-            ("jax_reference", lambda q, k, v, n: attn_ref.prefill_attention(q, k, v, n, scale=scale)),
-            ("cudnn", lambda q, k, v, n: jax.nn.dot_product_attention(
-                q, k, v, scale=scale, is_causal=True, query_seq_lengths=n,
-                key_value_seq_lengths=n, implementation="cudnn")),
-        ]  # fmt: skip
+        runs = [(impl, lambda q, k, v, n, impl=impl: dispatch.attention_prefill(
+                    q, k, v, n, scale=scale, impl=impl)) for impl in _impls("attention_prefill")]
+        runs.append(("cudnn", lambda q, k, v, n: jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, query_seq_lengths=n,
+            key_value_seq_lengths=n, implementation="cudnn")))  # fmt: skip
         for impl, fn in runs:
             try:
                 timing = time_fn(jax_timer(fn, q, k, v, lengths), repeats=rep)
@@ -176,18 +189,14 @@ def bench_gpu(args, rows: list) -> None:
             except Exception as err:  # cuDNN may reject a shape or be missing: say so
                 record(rows, name, impl, None, note=f"failed: {type(err).__name__}: {err}"[:200])
 
-    for b, s, h, kvh, d in cfg["decode"]:
-        name = f"attn_decode B{b} S{s} H{h} KVH{kvh} D{d}"
+    for b, s, h, kvh, d, kv_len in cfg["decode"]:
+        name = f"attn_decode B{b} S{s} kv_len{kv_len} H{h} KVH{kvh} D{d}"
         q, kc, vc = attn_inputs(b, 1, s, h, kvh, d, dtype)
         q = q[:, 0]
-        kv_lens = jnp.full((b,), s, jnp.int32)
-        kv_bytes = 2 * kc.size * kc.dtype.itemsize
-        scale = d**-0.5
-        for impl, fn in [
-            ("pallas splits=4",
-             lambda *a: attn_pl.decode_attention_pallas(*a, scale=scale, num_splits=4)),
-            ("jax_reference", lambda *a: attn_ref.decode_attention(*a, scale=scale)),
-        ]:  # fmt: skip
+        kv_lens = jnp.full((b,), kv_len, jnp.int32)  # the model: a prefix of valid slots
+        kv_bytes = 2 * b * kv_len * kvh * d * kc.dtype.itemsize  # what must be read
+        for impl in _impls("attention_decode"):
+            fn = lambda *a, impl=impl: dispatch.attention_decode(*a, scale=d**-0.5, impl=impl)
             record(rows, name, impl, time_fn(jax_timer(fn, q, kc, vc, kv_lens), repeats=rep),
                    bytes_=kv_bytes, tokens=b)  # fmt: skip
 
@@ -309,7 +318,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("bench_kernels.json"), help="JSON output")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_kernels.json"),
+                        help="JSON output")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating JAX/HF rounds (CPU)")
     parser.add_argument("--gdn-tokens", type=int, default=4096, help="GDN prefill length (GPU)")
@@ -332,11 +342,11 @@ def main(argv=None) -> int:
     meta = {
         "backend": backend,
         "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
         "gpu_found": backend == "gpu",
     }
-    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    print(f"wrote {args.out}")
+    from run_info import write_json
+
+    print(f"wrote {write_json(args.out, {'meta': meta, 'results': rows})}")
     return 0
 
 
