@@ -96,7 +96,7 @@ def prefill_attention(
       causal: key j is visible to query i only if j <= i.
       block_q, block_k: tile sizes (clipped to T). Query blocks are mapped with
         ``lax.map``; each walks its key blocks with a ``fori_loop`` that stops at the
-        longest row and, if causal, at the diagonal.
+        longest row and, if causal, at the diagonal. T <= block is plain masked attention.
     Returns:
       [B, T, H, D] in q.dtype; padding query rows (i >= lengths[b]) are zero.
     """
@@ -130,19 +130,24 @@ def prefill_attention(
             s = jnp.where(mask[:, None, None], s, -jnp.inf)
             return _online_softmax_step(carry, s, vb[j])
 
-        n_blocks = (max_len + bk - 1) // bk
-        if causal:
-            n_blocks = jnp.minimum(n_blocks, ((qi + 1) * bq + bk - 1) // bk)
         init = (
             jnp.zeros(q_blk.shape, jnp.float32),
             jnp.full(q_blk.shape[:-1], -jnp.inf, jnp.float32),
             jnp.zeros(q_blk.shape[:-1], jnp.float32),
         )
+        if tk == bk:  # one key block: plain masked attention (no loop to compile)
+            return _finish(*body(0, init))[0]
+        n_blocks = (max_len + bk - 1) // bk
+        if causal:
+            n_blocks = jnp.minimum(n_blocks, ((qi + 1) * bq + bk - 1) // bk)
         with jax.named_scope("prefill_key_blocks"):
             acc, m, l = lax.fori_loop(0, n_blocks, body, init)
         return _finish(acc, m, l)[0]
 
-    o = lax.map(query_block, (jnp.arange(tq // bq), qb))  # [nq, B, KVH, G, bq, D]
+    if tq == bq:  # one query block
+        o = query_block((0, qb[0]))[None]
+    else:
+        o = lax.map(query_block, (jnp.arange(tq // bq), qb))  # [nq, B, KVH, G, bq, D]
     o = jnp.moveaxis(o, (0, 4), (1, 2)).reshape(b, tq, h, d)[:, :t]
     return o.astype(q.dtype)
 
@@ -200,7 +205,10 @@ def extend_attention(
         jnp.full(qg.shape[:-1], -jnp.inf, jnp.float32),
         jnp.zeros(qg.shape[:-1], jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, (n_valid + bk - 1) // bk, body, init)
+    if sp == bk:  # one block: plain masked attention (no loop to compile)
+        acc, m, l = body(0, init)
+    else:
+        acc, m, l = lax.fori_loop(0, (n_valid + bk - 1) // bk, body, init)
     o, lse = _finish(acc, m, l)  # [B, KVH, G, T, D], [B, KVH, G, T]
     return (jnp.moveaxis(o, 3, 1).reshape(b, t, h, d),
             jnp.moveaxis(lse, 3, 1).reshape(b, t, h))  # fmt: skip
