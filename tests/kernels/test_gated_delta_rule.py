@@ -37,9 +37,9 @@ def hf_module():
 
 def hf_reference(x, *, chunked: bool):
     """Runs transformers' torch_{chunk,recurrent}_gated_delta_rule on the same inputs."""
+    hf = hf_module()  # skips without torch
     import torch
 
-    hf = hf_module()
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
     fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
     o, s = fn(
