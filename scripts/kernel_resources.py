@@ -140,6 +140,8 @@ def _fmt(row: dict | None) -> str:
         return f"{'':>27s}"
     if row.get("error"):
         return f"{'compile error':>27s}"
+    if "registers" not in row:
+        return f"{'lowered':>27s}"
     return (f"{row['registers']:4d} {row['spill_store_bytes']:6d} {row['shared_bytes'] // 1024:5d}K "
             f"{row['num_warps']:2d}w {row.get('ctas_per_sm', 0):2d}/SM")  # fmt: skip
 
@@ -149,8 +151,9 @@ def print_table(rows: list[dict], baseline: dict) -> None:
           f"{'after: regs spill smem warps':>27s}  programs")  # fmt: skip
     for r in rows:
         before = baseline.get((r["config"], r["name"]))
+        programs = r["grid"][0] * r["grid"][1] * r["grid"][2]
         print(f"{r['config']:36s} {r['name']:26s} {_fmt(before)}   {_fmt(r)}  "
-              f"{r.get('programs', '')}{'  ' + r['error'][:60] if r.get('error') else ''}")  # fmt: skip
+              f"{programs}{'  ' + r['error'][:60] if r.get('error') else ''}")  # fmt: skip
 
 
 def main(argv=None) -> int:
