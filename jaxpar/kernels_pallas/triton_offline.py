@@ -98,7 +98,11 @@ def triton_unavailable_reason() -> str | None:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia import compiler as nvidia
         import triton.knobs  # noqa: F401  (triton >= 3.4: compile options and ptxas log)
-        if not os.path.exists(nvidia.get_ptxas(90).path):
+        try:
+            ptxas = nvidia.get_ptxas(90)  # triton >= 3.6: the ptxas for an arch
+        except TypeError:
+            ptxas = nvidia.get_ptxas()
+        if not os.path.exists(ptxas.path):
             return "triton's bundled ptxas is missing"
     except Exception as err:  # ImportError, or a broken install
         return f"the triton package cannot be used ({type(err).__name__}: {err})"
