@@ -99,7 +99,17 @@ def interpret_params(interpret) -> object | None:
     if reason is not None:
         raise MosaicUnavailableError(reason)
     if interpret is True:
-        return plgpu.InterpretGPUParams(detect_races=True, on_race="raise")
+        return plgpu.InterpretGPUParams(
+            detect_races=True,
+            on_race="raise",
+            # The interpreter models the TMA engine as this many in-order units, copies
+            # assigned round-robin: waiting on one copy also orders every earlier copy on
+            # its unit. With the default 5, a wait on a K/V load could "order" an earlier
+            # TMA store and hide a missing wait_smem_to_gmem (a reused output slot); with
+            # 64, units are reused only after more copies than any of these kernels keeps
+            # in flight, so such a missing wait is reported.
+            num_tma_threads_per_device=64,
+        )
     return interpret
 
 
