@@ -3,19 +3,24 @@ log-sum-exp, and split-KV decode with log-sum-exp that reads only each row's val
 Same contracts as :mod:`jaxpar.kernels_pallas.attention`, plus ``interpret`` (GPU
 interpret mode on CPU, race detector on) and tiling knobs.
 
-Prefill, one CTA per (query head, query block of ``block_q`` = 64 rows, batch row), one
-warpgroup:
+Prefill, one CTA per (query head, query block, batch row). Per warpgroup of 64 query rows:
 
-* Q tile [64, D] -> shared memory by one TMA copy.
-* K and V tiles [block_kv, D] stream through ``plgpu.emit_pipeline``: a
-  ``max_concurrent_steps``-deep ring of swizzled shared-memory slots filled by TMA, so
-  the copies of blocks j+1.. overlap the math on block j. The pipeline grid is *dynamic*:
-  only the key blocks below this query block's causal limit and the row's length.
-* S = Q K^T by wgmma into a float32 accumulator; online softmax in float32 registers,
-  in base 2 with the scale folded in (exp2 maps to one instruction); P V by wgmma.
+* its Q tile [64, D] -> shared memory by one TMA copy;
+* K and V tiles [block_kv, D] stream through a ``max_concurrent_steps``-deep ring of
+  swizzled shared-memory slots filled by TMA, so the copies of blocks j+1.. overlap the
+  math on block j. The pipeline grid is *dynamic*: only the key blocks below the query
+  block's causal limit and the row's length are read;
+* S = Q K^T by wgmma into a float32 accumulator; online softmax in float32 registers, in
+  base 2 with the scale folded in (exp2 maps to one instruction); P V by wgmma;
 * O and the LSE leave through shared memory by TMA stores. Query rows past the row's
   length are zero (LSE -inf). T need not be a multiple of the blocks: TMA zero-fills
-  reads past the end and clips writes, so nothing is padded in HBM.
+  reads past the end and clips writes, so nothing is padded in HBM (beyond a multiple of
+  8 rows, the TMA tile granularity).
+
+Two CTA layouts share that per-warpgroup code (``warp_specialized``): the default, as in
+FlashAttention-3, has two compute warpgroups (128 query rows per CTA, each K/V tile feeds
+both) and a memory warpgroup issuing the TMA loads (``emit_pipeline_warp_specialized``);
+the other has one warpgroup that issues its own loads ahead (``emit_pipeline``).
 
 P's operand: wgmma can take its A operand from registers (``p_operand="registers"``, the
 FlashAttention-3 way, no shared-memory round trip) or from shared memory
@@ -31,7 +36,6 @@ layout (slot s holds position s * dcp + rank) is handled through ``slot_position
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax
@@ -134,6 +138,57 @@ def _finish(acc, m, l, row_valid):
 # ------------------------------------------------------------------------------ prefill
 
 
+class _QueryTile:
+    """One warpgroup's 64 query rows of the prefill: Q in, the K/V step, O and LSE out."""
+
+    def __init__(self, *, q_smem, p_smem, lse_smem, q0, length, causal, block_kv, scale):
+        self.q_smem, self.p_smem, self.lse_smem = q_smem, p_smem, lse_smem
+        self.q0, self.length, self.causal = q0, length, causal
+        self.block_kv, self.qk_scale = block_kv, scale * LOG2E
+        shape = (_WG_ROWS, block_kv)
+        self.q_pos = q0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        self.k_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+
+    def init_carry(self, d):
+        rows = plgpu.Layout.WGMMA.reduce(1)
+        return (
+            plgpu.layout_cast(jnp.zeros((_WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((_WG_ROWS,), MASK, jnp.float32), rows),
+            plgpu.layout_cast(jnp.zeros((_WG_ROWS,), jnp.float32), rows),
+        )
+
+    def step(self, j, k_smem, v_smem, carry):
+        """Key block j: S = Q K^T (wgmma), mask, online softmax, acc += P V (wgmma)."""
+        acc, m, l = carry
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, self.q_smem, k_smem.transpose((1, 0)))
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((_WG_ROWS, self.block_kv), jnp.float32))
+        k_pos = j * self.block_kv + self.k_iota
+        visible = k_pos < self.length
+        if self.causal:
+            visible = visible & (k_pos <= self.q_pos)
+        p, alpha, m, l = _online_softmax_step(s * self.qk_scale, (m, l), visible)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        return _pv(acc, p, v_smem, self.p_smem, self.q_smem.dtype), m, l
+
+    def store(self, carry, o_gmem, lse_gmem):
+        """Writes O (through Q's tile, no longer needed) and the LSE by TMA."""
+        acc, m, l = carry
+        rows = self.q0 + plgpu.broadcasted_iota(
+            jnp.int32, (_WG_ROWS,), 0, layout=plgpu.Layout.WGMMA.reduce(1)
+        )
+        o, lse = _finish(acc, m, l, rows < self.length)
+        self.q_smem[...] = o.astype(self.q_smem.dtype)
+        self.lse_smem[...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(self.q_smem, o_gmem)
+        plgpu.copy_smem_to_gmem(self.lse_smem, lse_gmem)
+        plgpu.wait_smem_to_gmem(0)
+
+
 def prefill_attention_mgpu(
     q: jax.Array,
     k: jax.Array,
@@ -144,6 +199,7 @@ def prefill_attention_mgpu(
     causal: bool = True,
     block_kv: int = 64,
     max_concurrent_steps: int = 2,
+    warp_specialized: bool = True,
     p_operand: POperand = "auto",
     return_lse: bool = False,
     interpret=False,
@@ -153,8 +209,14 @@ def prefill_attention_mgpu(
     q: [B, T, H, D]; k, v: [B, T, KVH, D] (bf16 or f16); lengths: [B] int32.
     Returns o [B, T, H, D] in q.dtype, and with ``return_lse=True`` also the log-sum-exp
     [B, T, H] float32 of the scaled scores (-inf on padding rows), which DCP merges and
-    chunked prefill combine. Grid: (H, ceil(T / 64), B); block_kv key rows per pipeline
-    step, ``max_concurrent_steps`` (>= 2) K/V tiles in flight.
+    chunked prefill combine. block_kv key rows per pipeline step, ``max_concurrent_steps``
+    (>= 2) K/V tiles in flight.
+
+    ``warp_specialized=True`` (FlashAttention-3 layout): a CTA per 128 query rows, two
+    compute warpgroups of 64 rows each and a memory warpgroup that issues the TMA loads
+    (``emit_pipeline_warp_specialized``), so one K/V tile feeds two query tiles.
+    ``warp_specialized=False``: a CTA per 64 query rows, one warpgroup that issues its own
+    TMA loads ahead of the math (``emit_pipeline``).
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -172,105 +234,99 @@ def prefill_attention_mgpu(
     params = interpret_params(interpret)
     p_mode = _resolve_p_operand(p_operand, params is not None)
     group = h // kvh
-    block_q = _WG_ROWS
     dtype = q.dtype
+    wgs = 2 if warp_specialized else 1  # compute warpgroups, 64 query rows each
+    block_q = wgs * _WG_ROWS
+    check_smem(
+        "prefill attention",
+        wgs * _WG_ROWS * (d * 2 + (block_kv * 2 if p_mode == "smem" else 0) + 4)
+        + 2 * max_concurrent_steps * block_kv * d * 2,
+        "lower block_kv or max_concurrent_steps",
+    )  # fmt: skip
     # TMA addresses the swizzled tiles in 8-row groups, so the global row count must be a
     # multiple of 8; other lengths are padded (rare: prefill buckets are powers of two).
     # The last query / key block may still run past T: TMA zero-fills those reads and
     # drops those writes.
-    check_smem(
-        "prefill attention",
-        block_q * d * 2 + 2 * max_concurrent_steps * block_kv * d * 2
-        + (block_q * block_kv * 2 if p_mode == "smem" else 0) + block_q * 4,
-        "lower block_kv or max_concurrent_steps",
-    )  # fmt: skip
     t_orig, pad = t, -t % 8
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         t = t + pad
-    qk_scale = scale * LOG2E
     transforms = tile_transforms(d, dtype)
     num_q_blocks = pl.cdiv(t, block_q)
+    kv_spec = plgpu.BlockSpec((block_kv, d), lambda j: (j, 0), transforms=transforms)
 
-    def kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, lse_smem, p_smem, q_bar):
+    def kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, p_smem, q_bar):
         head = lax.axis_index("heads")
         qi = lax.axis_index("q_blocks")
         row = lax.axis_index("batch")
-        kv_head = lax.div(head, jnp.int32(group))
+        wg = lax.axis_index("wg") if warp_specialized else 0
         length = len_ref[row]
-        q0 = qi * block_q
-        # Key blocks this query block can see: below its causal limit and the row length.
-        kv_end = jnp.minimum(length, q0 + block_q) if causal else length
-        num_kv = jnp.where(q0 < length, pl.cdiv(kv_end, block_kv), 0)
+        cta_q0 = qi * block_q
+        # Key blocks this CTA's query rows can see: below the causal limit of its last
+        # row and the row length (a warpgroup past its own limit sees them fully masked).
+        kv_end = jnp.minimum(length, cta_q0 + block_q) if causal else length
+        num_kv = jnp.where(cta_q0 < length, pl.cdiv(kv_end, block_kv), 0)
+        q0 = cta_q0 + wg * _WG_ROWS
+        rows = pl.ds(q0, _WG_ROWS)
+        kv = (k_ref.at[row, :, lax.div(head, jnp.int32(group))],
+              v_ref.at[row, :, lax.div(head, jnp.int32(group))])  # fmt: skip
 
-        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(q0, block_q), head], qo_smem, q_bar)
-        plgpu.barrier_wait(q_bar)
-        q_pos = q0 + plgpu.broadcasted_iota(
-            jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA
-        )
-        k_iota = plgpu.broadcasted_iota(
-            jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA
-        )
+        def query_tile():
+            """Loads this warpgroup's Q tile; returns its _QueryTile."""
+            tile = _QueryTile(
+                q_smem=q_smem.at[wg], p_smem=None if p_smem is None else p_smem.at[wg],
+                lse_smem=lse_smem.at[wg], q0=q0, length=length, causal=causal,
+                block_kv=block_kv, scale=scale,
+            )  # fmt: skip
+            plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], tile.q_smem, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            return tile
 
-        def step(idx, k_smem, v_smem, carry):
-            acc, m, l = carry
-            (j,) = idx
+        outputs = (o_ref.at[row, rows, head], lse_ref.at[row, head, rows])
+        if not warp_specialized:
+            tile = query_tile()
+            carry = plgpu.emit_pipeline(
+                lambda idx, k_smem, v_smem, c: tile.step(idx[0], k_smem, v_smem, c),
+                grid=(num_kv,),
+                in_specs=[kv_spec, kv_spec],
+                max_concurrent_steps=max_concurrent_steps,
+                init_carry=tile.init_carry(d),
+            )(*kv)
+            tile.store(carry, *outputs)
+            return
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_smem.transpose((1, 0)))
-                return acc_ref[...]
+        tiles = []
 
-            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32)) * qk_scale
-            k_pos = j * block_kv + k_iota
-            visible = k_pos < length
-            if causal:
-                visible = visible & (k_pos <= q_pos)
-            p, alpha, m, l = _online_softmax_step(s, (m, l), visible)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            acc = _pv(acc, p, v_smem, p_smem, dtype)
-            return acc, m, l
+        def compute_context(run_pipeline):
+            tiles.append(query_tile())
+            tiles[0].store(run_pipeline(tiles[0].init_carry(d)), *outputs)
 
-        init = (
-            plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(
-                jnp.full((block_q,), MASK, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
-            ),
-            plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-        )
-        kv_spec = plgpu.BlockSpec((block_kv, d), lambda j: (j, 0), transforms=transforms)
-        acc, m, l = plgpu.emit_pipeline(
-            step,
+        plgpu.emit_pipeline_warp_specialized(
+            lambda idx, k_smem, v_smem, c: tiles[0].step(idx[0], k_smem, v_smem, c),
             grid=(num_kv,),
             in_specs=[kv_spec, kv_spec],
             max_concurrent_steps=max_concurrent_steps,
-            init_carry=init,
-        )(k_ref.at[row, :, kv_head], v_ref.at[row, :, kv_head])
-
-        rows_valid = (q0 + plgpu.broadcasted_iota(
-            jnp.int32, (block_q,), 0, layout=plgpu.Layout.WGMMA.reduce(1)
-        )) < length  # fmt: skip
-        o, lse = _finish(acc, m, l, rows_valid)
-        qo_smem[...] = o.astype(dtype)  # Q is no longer needed: its tile holds O
-        lse_smem[...] = lse
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[row, pl.ds(q0, block_q), head])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row, head, pl.ds(q0, block_q)])
-        plgpu.wait_smem_to_gmem(0)
+            memory_registers=40,
+            wg_axis="wg",
+            num_compute_wgs=wgs,
+            compute_context=compute_context,
+        )(*kv)
 
     scratch = [
-        plgpu.SMEM((block_q, d), dtype, transforms=transforms),
-        plgpu.SMEM((block_q,), jnp.float32),
-        plgpu.SMEM((block_q, block_kv), dtype, transforms=tile_transforms(block_kv, dtype))
+        plgpu.SMEM((wgs, _WG_ROWS, d), dtype, transforms=transforms),
+        plgpu.SMEM((wgs, _WG_ROWS), jnp.float32),
+        plgpu.SMEM((wgs, _WG_ROWS, block_kv), dtype, transforms=tile_transforms(block_kv, dtype))
         if p_mode == "smem"
         else None,
-        plgpu.Barrier(),
+        plgpu.Barrier(num_barriers=wgs),
     ]
+    threads = dict(num_threads=wgs + 1, thread_name="wg") if warp_specialized else {}
     o, lse = plgpu.kernel(
         kernel,
         out_type=(
             jax.ShapeDtypeStruct((b, t, h, d), dtype),
-            # T minor so each query block's LSE is one contiguous 1-D TMA store.
-            # Padded to whole query blocks: a 1-D TMA needs 16-byte aligned row strides.
+            # T minor so each query tile's LSE is one contiguous 1-D TMA store, padded to
+            # whole query blocks (a 1-D TMA needs 16-byte aligned row strides).
             jax.ShapeDtypeStruct((b, h, num_q_blocks * block_q), jnp.float32),
         ),
         scratch_types=scratch,
@@ -279,6 +335,7 @@ def prefill_attention_mgpu(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=params,
         kernel_name="jaxpar_prefill_attention_mgpu",
+        **threads,
     )(lengths.astype(jnp.int32), q, k, v)
     o = o[:, :t_orig]
     if return_lse:
@@ -372,7 +429,8 @@ def decode_attention_mgpu(
     transforms = tile_transforms(d, dtype)
     has_positions = slot_positions is not None
     q_tile = _WG_ROWS * d * 2
-    pipeline = max_concurrent_steps * (2 * block_kv * d * 2 + (block_kv * 4 if has_positions else 0))
+    pos_tile = block_kv * 4 if has_positions else 0
+    pipeline = max_concurrent_steps * (2 * block_kv * d * 2 + pos_tile)
     p_tile = _WG_ROWS * block_kv * 2 if p_mode == "smem" else 0
     check_smem(
         "decode attention",

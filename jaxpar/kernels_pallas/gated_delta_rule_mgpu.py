@@ -335,7 +335,8 @@ def _tiles(d, dtype):
 def _prepare_call(k, v, g, beta, *, ratio, params):
     b, tp, hv, dv = v.shape
     dk, dtype, c = k.shape[-1], v.dtype, _CHUNK
-    square = lambda: plgpu.SMEM((c, c), jnp.bfloat16, transforms=_tiles(c, jnp.bfloat16))  # noqa: E731
+    bf16 = jnp.bfloat16
+    square = lambda: plgpu.SMEM((c, c), bf16, transforms=_tiles(c, bf16))  # noqa: E731
     return plgpu.kernel(
         lambda *refs: _prepare_kernel(*refs, ratio=ratio),
         out_type=(

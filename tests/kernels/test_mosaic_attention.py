@@ -3,13 +3,14 @@ mode on CPU with the race detector on (a race raises), and lowered for CUDA with
 
 What interpret mode exercises: the kernels' real tiling and memory movement (TMA copies
 into swizzled shared memory with zero-filled out-of-bounds reads and clipped writes, the
-emit_pipeline slot ring and its barriers, shared-memory stores fenced for the tensor
-cores), wgmma with float32 accumulators, the online softmax and the masks, and the happens-
-before ordering of every access. What only a GPU proves (not interpreted here): wgmma with
-P in registers (``p_operand="registers"``, the GPU default; lowered for CUDA below),
-asynchronous wgmma completion (the interpreter runs it synchronously), ``approx_math``
-exp2/log2, register allocation and spills (ptxas), the shared-memory limit (checked by the
-wrappers' own count), and speed.
+pipeline slot rings and their barriers, shared-memory stores fenced for the tensor cores),
+wgmma with float32 accumulators, the online softmax and the masks, and the happens-before
+ordering of every access -- for the warp-specialised prefill also the hand-off between the
+memory warpgroup and the two compute warpgroups. What only a GPU proves (not interpreted
+here): wgmma with P in registers (``p_operand="registers"``, the GPU default; lowered for
+CUDA below), asynchronous wgmma completion (the interpreter runs it synchronously),
+``approx_math`` exp2/log2, register allocation and spills (ptxas), the shared-memory limit
+(checked by the wrappers' own count), and speed.
 """
 
 from __future__ import annotations
@@ -67,25 +68,27 @@ def prefill_lse(q, k, lengths, scale, causal):
     return np.transpose(lse, (0, 2, 1))
 
 
-# (B, T, H, KVH, D, lengths, causal, max_concurrent_steps): GQA groups 1 / 4 / 8, head_dim
-# 256 and 128, T not a multiple of the 64-row blocks, ragged rows, 3 query and key blocks.
+# (B, T, H, KVH, D, lengths, causal, max_concurrent_steps, warp_specialized): GQA groups
+# 1 / 4 / 8, head_dim 256 and 128, T not a multiple of the query or key blocks, ragged rows
+# (with a CTA wholly past its row's length), 3 key blocks through 2 pipeline slots, both
+# the single-warpgroup pipeline and the warp-specialised (2 compute + 1 memory) kernel.
 PREFILL_CASES = [
-    (1, 100, 2, 2, 256, [91], True, 2),
-    (2, 72, 4, 1, 128, [72, 29], True, 2),
-    (1, 130, 8, 1, 128, [130], True, 2),
-    (1, 100, 2, 1, 128, [77], False, 3),
+    (1, 100, 2, 2, 256, [91], True, 2, False),
+    (2, 200, 4, 1, 128, [200, 70], True, 2, True),
+    (1, 130, 8, 1, 128, [130], True, 2, False),
+    (1, 100, 2, 1, 128, [77], False, 3, True),
 ]
 
 
-@pytest.mark.parametrize("b,t,h,kvh,d,lengths,causal,steps", PREFILL_CASES)
-def test_prefill_matches_reference(b, t, h, kvh, d, lengths, causal, steps):
+@pytest.mark.parametrize("b,t,h,kvh,d,lengths,causal,steps,ws", PREFILL_CASES)
+def test_prefill_matches_reference(b, t, h, kvh, d, lengths, causal, steps, ws):
     rng = np.random.default_rng(t + h)
     q, k, v = randn(rng, b, t, h, d), randn(rng, b, t, kvh, d), randn(rng, b, t, kvh, d)
     lengths = jnp.asarray(lengths, jnp.int32)
     scale = d**-0.5
     run = jax.jit(lambda *a: _am().prefill_attention_mgpu(
-        *a, scale=scale, causal=causal, max_concurrent_steps=steps, return_lse=True,
-        interpret=True,
+        *a, scale=scale, causal=causal, max_concurrent_steps=steps, warp_specialized=ws,
+        return_lse=True, interpret=True,
     ))  # fmt: skip
     o, lse = run(q, k, v, lengths)
     o_ref = prefill_ref(q, k, v, lengths, scale=scale, causal=causal)
@@ -217,15 +220,16 @@ def spec(*shape, dtype=BF16):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("heads,kv_heads,d,p_operand", [
-    (32, 8, 128, "registers"), (16, 2, 256, "registers"), (8, 8, 64, "smem"),
+@pytest.mark.parametrize("heads,kv_heads,d,p_operand,ws", [
+    (32, 8, 128, "registers", True), (16, 2, 256, "registers", True),
+    (8, 8, 64, "registers", False), (8, 2, 128, "smem", True),
 ])  # fmt: skip
-def test_prefill_lowers_for_cuda(heads, kv_heads, d, p_operand):
+def test_prefill_lowers_for_cuda(heads, kv_heads, d, p_operand, ws):
     b, t = 2, 300  # T not a multiple of 8: padded to 304; of 64: TMA clips the last block
 
     def f(q, k, v, lengths):
-        return _am().prefill_attention_mgpu(q, k, v, lengths, scale=d**-0.5,
-                                            p_operand=p_operand, return_lse=True)  # fmt: skip
+        return _am().prefill_attention_mgpu(q, k, v, lengths, scale=d**-0.5, p_operand=p_operand,
+                                            warp_specialized=ws, return_lse=True)  # fmt: skip
 
     text = lower_for_cuda(f, spec(b, t, heads, d), spec(b, t, kv_heads, d),
                           spec(b, t, kv_heads, d), spec(b, dtype=jnp.int32))  # fmt: skip

@@ -36,7 +36,9 @@ def _gm():
 
 
 def gdn_inputs(rng, b, t, hk, hv, d=128, dtype=BF16):
-    x = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32)).astype(dtype)  # noqa: E731
+    def x(*shape):
+        return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
     g = -jnp.asarray(rng.uniform(0.01, 0.4, (b, t, hv)), jnp.float32)  # log decay <= 0
     beta = jnp.asarray(rng.uniform(0.0, 1.0, (b, t, hv)), jnp.float32)
     return x(b, t, hk, d), x(b, t, hk, d), x(b, t, hv, d), g, beta
