@@ -49,6 +49,7 @@ from jaxpar.kernels_pallas.mgpu_common import (
     LN2,
     LOG2E,
     MASK,
+    SMEM_LIMIT,
     UnsupportedShapeError,
     check_smem,
     interpret_params,
@@ -376,7 +377,7 @@ def decode_attention_mgpu(
     slot_positions: jax.Array | None = None,
     block_kv: int = 64,
     num_splits: int | None = None,
-    max_concurrent_steps: int = 2,
+    max_concurrent_steps: int | None = None,
     p_operand: POperand = "auto",
     interpret=False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -391,7 +392,8 @@ def decode_attention_mgpu(
     the row's last valid slot, so an empty split reads nothing. Splits are merged by
     log-sum-exp. The query heads of a KV head (G = H / KVH <= 64) are the rows of one
     64-row wgmma tile. S must be a multiple of 8 (TMA tiles; the cache is not padded per
-    step, that would copy it).
+    step, that would copy it). ``max_concurrent_steps``: K/V tiles in flight, by default
+    as many as fit in shared memory, up to 4 (decode is bound by HBM bandwidth).
     """
     b, h, d = q.shape
     _, s_len, kvh, _ = k_cache.shape
@@ -413,7 +415,7 @@ def decode_attention_mgpu(
         raise UnsupportedShapeError(f"k_cache {k_cache.dtype} and v_cache {v_cache.dtype} differ")
     _check_head_dim(d, block_kv)
     require_multiple("KV cache length S", s_len, 8, "TMA addresses swizzled tiles by 8 rows")
-    if max_concurrent_steps < 2:
+    if max_concurrent_steps is not None and max_concurrent_steps < 2:
         raise ValueError(f"max_concurrent_steps={max_concurrent_steps} must be >= 2")
     if slot_positions is not None and slot_positions.shape != (s_len,):
         raise ValueError(f"slot_positions must be [S]={(s_len,)}, got {slot_positions.shape}")
@@ -429,9 +431,12 @@ def decode_attention_mgpu(
     transforms = tile_transforms(d, dtype)
     has_positions = slot_positions is not None
     q_tile = _WG_ROWS * d * 2
-    pos_tile = block_kv * 4 if has_positions else 0
-    pipeline = max_concurrent_steps * (2 * block_kv * d * 2 + pos_tile)
     p_tile = _WG_ROWS * block_kv * 2 if p_mode == "smem" else 0
+    stage = 2 * block_kv * d * 2 + (block_kv * 4 if has_positions else 0)  # K, V (, positions)
+    if max_concurrent_steps is None:
+        # Decode only streams the cache: as many tiles in flight as fit, up to 4.
+        max_concurrent_steps = int(max(2, min(4, (SMEM_LIMIT - q_tile - p_tile) // stage)))
+    pipeline = max_concurrent_steps * stage
     check_smem(
         "decode attention",
         max(q_tile + pipeline + p_tile, q_tile + p_tile + _WG_ROWS * (d + 1) * 4),
