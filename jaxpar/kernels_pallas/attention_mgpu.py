@@ -296,6 +296,8 @@ def prefill_attention_mgpu(
             tile.store(carry, *outputs)
             return
 
+        # The compute warpgroups load their Q tile in compute_context; the pipeline body,
+        # traced inside run_pipeline, reads the tile from this list.
         tiles = []
 
         def compute_context(run_pipeline):
