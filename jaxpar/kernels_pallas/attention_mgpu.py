@@ -26,7 +26,8 @@ P's operand: wgmma can take its A operand from registers (``p_operand="registers
 FlashAttention-3 way, no shared-memory round trip) or from shared memory
 (``p_operand="smem"``: P is stored, fenced with ``commit_smem`` and read by wgmma). GPU
 interpret mode only implements shared-memory operands, so interpreting uses "smem"; the
-register form is checked by the CUDA lowering tests only.
+register form is checked by the CUDA lowering tests only, as is the in-place P V
+accumulation of compiled kernels (see ``_pv``).
 
 Decode, one CTA per (KV split, KV head, batch row): the query heads of one KV head form
 the rows of a 64-row wgmma tile (zero rows above the group), K/V blocks stream through
@@ -107,20 +108,30 @@ def _online_softmax_step(s, carry, mask):
     return p, alpha, m_new, l
 
 
-def _pv(acc, p, v_smem, p_smem, dtype):
+def _pv(acc, p, v_smem, p_smem, dtype, in_place):
     """acc [rows, D] float32 + p [rows, block_kv] . V, with P from registers or shared memory.
 
-    The product goes to a fresh wgmma accumulator that is then added: accumulating into
-    ``acc`` in place needs ``pl.run_state(plgpu.ACC.init(acc))``, which GPU interpret mode
-    does not implement; the add is one register pass over the tile.
+    ``in_place`` (compiled): wgmma accumulates into ``acc`` itself
+    (``pl.run_state(plgpu.ACC.init(acc))``), so only one [rows, D] float32 tile is live,
+    which matters at head_dim 256 (128 registers per thread). GPU interpret mode does not
+    implement ``run_state``, so interpreting sends the product to a fresh accumulator that
+    is then added: the same sum, one more register tile.
     """
     p16 = p.astype(dtype)
     if p_smem is not None:
         p_smem[...] = p16
         plgpu.commit_smem()  # order the register stores before the async-proxy wgmma read
+    a = p_smem if p_smem is not None else p16
+
+    if in_place:
+
+        def accumulate(acc_ref):
+            plgpu.wgmma(acc_ref, a, v_smem)
+
+        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
     def mma(acc_ref):
-        plgpu.wgmma(acc_ref, p_smem if p_smem is not None else p16, v_smem)
+        plgpu.wgmma(acc_ref, a, v_smem)
         return acc_ref[...]
 
     return acc + pl.run_scoped(mma, plgpu.ACC(acc.shape, jnp.float32))
@@ -142,8 +153,11 @@ def _finish(acc, m, l, row_valid):
 class _QueryTile:
     """One warpgroup's 64 query rows of the prefill: Q in, the K/V step, O and LSE out."""
 
-    def __init__(self, *, q_smem, p_smem, lse_smem, q0, length, causal, block_kv, scale):
+    def __init__(
+        self, *, q_smem, p_smem, lse_smem, q0, length, causal, block_kv, scale, in_place
+    ):
         self.q_smem, self.p_smem, self.lse_smem = q_smem, p_smem, lse_smem
+        self.in_place = in_place
         self.q0, self.length, self.causal = q0, length, causal
         self.block_kv, self.qk_scale = block_kv, scale * LOG2E
         shape = (_WG_ROWS, block_kv)
@@ -173,7 +187,7 @@ class _QueryTile:
             visible = visible & (k_pos <= self.q_pos)
         p, alpha, m, l = _online_softmax_step(s * self.qk_scale, (m, l), visible)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        return _pv(acc, p, v_smem, self.p_smem, self.q_smem.dtype), m, l
+        return _pv(acc, p, v_smem, self.p_smem, self.q_smem.dtype, self.in_place), m, l
 
     def store(self, carry, o_gmem, lse_gmem):
         """Writes O (through Q's tile, no longer needed) and the LSE by TMA."""
@@ -277,7 +291,7 @@ def prefill_attention_mgpu(
             tile = _QueryTile(
                 q_smem=q_smem.at[wg], p_smem=None if p_smem is None else p_smem.at[wg],
                 lse_smem=lse_smem.at[wg], q0=q0, length=length, causal=causal,
-                block_kv=block_kv, scale=scale,
+                block_kv=block_kv, scale=scale, in_place=params is None,
             )  # fmt: skip
             plgpu.copy_gmem_to_smem(q_ref.at[row, rows, head], tile.q_smem, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
@@ -483,7 +497,7 @@ def decode_attention_mgpu(
                 visible = visible & (pos < kv_len)
             p, alpha, m, l = _online_softmax_step(s, (m, l), visible)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            acc = _pv(acc, p, v_smem, p_smem, dtype)
+            acc = _pv(acc, p, v_smem, p_smem, dtype, in_place=params is None)
             return acc, m, l
 
         init = (

@@ -7,8 +7,9 @@ pipeline slot rings and their barriers, shared-memory stores fenced for the tens
 wgmma with float32 accumulators, the online softmax and the masks, and the happens-before
 ordering of every access -- for the warp-specialised prefill also the hand-off between the
 memory warpgroup and the two compute warpgroups. What only a GPU proves (not interpreted
-here): wgmma with P in registers (``p_operand="registers"``, the GPU default; lowered for
-CUDA below), asynchronous wgmma completion (the interpreter runs it synchronously),
+here): wgmma with P in registers (``p_operand="registers"``, the GPU default) and P.V
+accumulated in place (``pl.run_state``), both lowered for CUDA below; asynchronous wgmma
+completion (the interpreter runs it synchronously),
 ``approx_math`` exp2/log2, register allocation and spills (ptxas), the shared-memory limit
 (checked by the wrappers' own count), and speed.
 """
