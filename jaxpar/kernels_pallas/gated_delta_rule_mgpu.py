@@ -20,8 +20,9 @@ cumulative decay G and the ragged-row mask) done by XLA first:
 2. ``state`` (grid: Dv block x value head x batch, serial over chunks). The state
    S [Dk, block_v] stays in float32 registers; an ``emit_pipeline`` streams each chunk's
    W, U, K and G in by TMA (prefetching the next chunks) and each chunk's V_new and start
-   state H_n out: V_new = U - W S, S <- exp(G_last) S + (K exp(G_last - G))^T V_new.
-   Initial state in, final state out.
+   state H_n out: V_new = U - W S, S <- exp(G_last) S + (K exp(G_last - G))^T V_new
+   (compiled, the wgmma accumulates into S in place; interpret mode, which has no
+   ``run_state``, adds a fresh accumulator). Initial state in, final state out.
 3. ``output`` (grid: chunk x value head x batch, fully parallel).
    O = (Q exp(G)) H_n + (tril(Q K^T) * exp(G_i - G_j)) V_new, both products into one
    accumulator. Rows past a row's length are written as zeros.
@@ -218,7 +219,7 @@ def _prepare_kernel(
 def _state_kernel(
     w_ref, u_ref, k_ref, g_ref, s0_ref, vn_ref, h_ref, sf_ref,
     kd_smem, vn_smem, h_smem, s_smem, bar,
-    *, ratio, block_v, num_chunks, max_concurrent_steps,
+    *, ratio, block_v, num_chunks, max_concurrent_steps, in_place,
 ):  # fmt: skip
     """One (Dv block, value head, batch row): the serial pass over chunks carrying S.
 
@@ -253,7 +254,12 @@ def _state_kernel(
         kd_smem[...] = (k * _rows(jnp.exp(g_last - g_row), k.shape)).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(vn_out, vn_ref.at[row, pl.ds(n * c, c), head, vcols])
-        return s * jnp.exp(g_last) + _mma(s.shape, (_t(kd_smem), vn_out))
+        s = s * jnp.exp(g_last)
+        if in_place:  # compiled: wgmma accumulates into S itself, one state tile live
+            return pl.run_state(lambda acc: plgpu.wgmma(acc, _t(kd_smem), vn_out))(
+                plgpu.ACC.init(s)
+            )
+        return s + _mma(s.shape, (_t(kd_smem), vn_out))  # interpret mode has no run_state
 
     k_tiles = tile_transforms(dk, dtype)
     state = plgpu.emit_pipeline(
@@ -366,7 +372,7 @@ def _state_call(w, u, k, g, s0, *, ratio, block_v, max_concurrent_steps, params)
     return plgpu.kernel(
         lambda *refs: _state_kernel(
             *refs, ratio=ratio, block_v=block_v, num_chunks=num_chunks,
-            max_concurrent_steps=max_concurrent_steps,
+            max_concurrent_steps=max_concurrent_steps, in_place=params is None,
         ),  # fmt: skip
         out_type=(
             jax.ShapeDtypeStruct((b, tp, hv, dv), dtype),

@@ -5,8 +5,9 @@ without a GPU.
 Interpreted: all three chunked kernels (prepare with the blocked triangular inverse, the
 serial state pass with its TMA pipeline and its 2-slot ring of output tiles, the parallel
 output pass) and the decode step, with their real TMA copies, barriers, swizzled shared
-memory, wgmma, column reductions and masks. Only a GPU proves: asynchronous wgmma
-completion (synchronous in the interpreter), ``approx_math`` exp, register allocation and
+memory, wgmma, column reductions and masks. Lowered for CUDA only: the state pass's
+in-place accumulation into S (``pl.run_state``, not interpreted). Only a GPU proves:
+asynchronous wgmma completion (synchronous in the interpreter), ``approx_math`` exp, register allocation and
 spills (ptxas), the shared-memory limit (counted by the wrappers) and speed.
 """
 
