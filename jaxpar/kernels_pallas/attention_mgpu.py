@@ -221,7 +221,8 @@ def prefill_attention_mgpu(
 ):
     """Flash-attention prefill on Hopper. Same contract as ``attention.prefill_attention``.
 
-    q: [B, T, H, D]; k, v: [B, T, KVH, D] (bf16 or f16); lengths: [B] int32.
+    q: [B, T, H, D]; k, v: [B, T, KVH, D] (bf16 or f16; D <= 256, zero-padded to a
+    multiple of 64); lengths: [B] int32.
     Returns o [B, T, H, D] in q.dtype, and with ``return_lse=True`` also the log-sum-exp
     [B, T, H] float32 of the scaled scores (-inf on padding rows), which DCP merges and
     chunked prefill combine. block_kv key rows per pipeline step, ``max_concurrent_steps``
@@ -243,7 +244,12 @@ def prefill_attention_mgpu(
         require_16bit(name, x.dtype)
     if not (q.dtype == k.dtype == v.dtype):
         raise UnsupportedShapeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    # head_dim not a multiple of 64 (e.g. 96) is zero-padded: q.k and the kept output
+    # columns are unchanged. Prefill reads q, k, v once, so the copy is cheap.
+    d_orig, d = d, -(-d // 64) * 64
     _check_head_dim(d, block_kv)
+    if d != d_orig:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, d - d_orig))) for x in (q, k, v))
     if max_concurrent_steps < 2:
         raise ValueError(f"max_concurrent_steps={max_concurrent_steps} must be >= 2")
     params = interpret_params(interpret)
@@ -354,7 +360,7 @@ def prefill_attention_mgpu(
         kernel_name="jaxpar_prefill_attention_mgpu",
         **threads,
     )(lengths.astype(jnp.int32), q, k, v)
-    o = o[:, :t_orig]
+    o = o[:, :t_orig, :, :d_orig]
     if return_lse:
         return o, jnp.swapaxes(lse[:, :, :t_orig], 1, 2)
     return o

@@ -70,14 +70,14 @@ def prefill_lse(q, k, lengths, scale, causal):
 
 
 # (B, T, H, KVH, D, lengths, causal, max_concurrent_steps, warp_specialized): GQA groups
-# 1 / 4 / 8, head_dim 256 and 128, T not a multiple of the query or key blocks, ragged rows
+# 1 / 4 / 8, head_dim 256, 128 and 96 (zero-padded to 128), T not a multiple of the query or key blocks, ragged rows
 # (with a CTA wholly past its row's length), 3 key blocks through 2 pipeline slots, both
 # the single-warpgroup pipeline and the warp-specialised (2 compute + 1 memory) kernel.
 PREFILL_CASES = [
     (1, 100, 2, 2, 256, [91], True, 2, False),
     (2, 200, 4, 1, 128, [200, 70], True, 2, True),
     (1, 130, 8, 1, 128, [130], True, 2, False),
-    (1, 100, 2, 1, 128, [77], False, 3, True),
+    (1, 100, 2, 1, 96, [77], False, 3, True),
 ]
 
 
@@ -163,9 +163,12 @@ def test_rejections_raise_unsupported_shape():
     with pytest.raises(am.UnsupportedShapeError, match="bfloat16 or float16"):
         am.prefill_attention_mgpu(x.astype(jnp.float32), x.astype(jnp.float32),
                                   x.astype(jnp.float32), lens, scale=0.1)  # fmt: skip
-    y = randn(rng, 1, 8, 2, 96)
-    with pytest.raises(am.UnsupportedShapeError, match="head_dim=96"):
+    y = randn(rng, 1, 8, 2, 320)
+    with pytest.raises(am.UnsupportedShapeError, match="head_dim=320"):
         am.prefill_attention_mgpu(y, y, y, lens, scale=0.1)
+    c96 = randn(rng, 1, 64, 2, 96)  # decode does not pad: that would copy the cache
+    with pytest.raises(am.UnsupportedShapeError, match="head_dim=96"):
+        am.decode_attention_mgpu(randn(rng, 1, 2, 96), c96, c96, lens, scale=0.1)
     with pytest.raises(am.UnsupportedShapeError, match="p_operand='registers'"):
         am.prefill_attention_mgpu(x, x, x, lens, scale=0.1, p_operand="registers",
                                   interpret=True)  # fmt: skip
