@@ -123,7 +123,6 @@ def _t(ref):
     return ref.transpose((1, 0))
 
 
-
 # ----------------------------------------------------------------- chunked: prepare
 
 
@@ -168,7 +167,7 @@ def _unit_lower_inverse(a, x_split, l_split, n_split, m_split):
 
 def _prepare_kernel(
     k_ref, v_ref, g_ref, beta_ref, w_ref, u_ref,
-    k_smem, v_smem, g_smem, beta_smem, s0, s1, s2, s3, s4, s5, s6, s7, bars,
+    k_smem, v_smem, g_smem, beta_smem, s0, s1, s2, s3, s4, s5, s6, s7, x_smem, bars,
     *, ratio,
 ):  # fmt: skip
     """One (chunk, value head, batch row): W = X (beta exp(G) K), U = X (beta V)."""
@@ -195,8 +194,7 @@ def _prepare_kernel(
     x = _unit_lower_inverse(a, (s0, s1), (s2, s3), (s4, s5), (s6, s7))
 
     dtype = k_smem.dtype
-    x_smem = s0  # free again: X in the input dtype, the A operand of W and U
-    x_smem[...] = x.astype(dtype)
+    x_smem[...] = x.astype(dtype)  # X in the input dtype, the A operand of W and U
     k = plgpu.load(k_smem, layout=_WGMMA).astype(jnp.float32)
     kb = k * _rows(beta_row * jnp.exp(g_row), k.shape)
     k_smem[...] = kb.astype(dtype)
@@ -355,6 +353,7 @@ def _prepare_call(k, v, g, beta, *, ratio, params):
             plgpu.SMEM((c,), jnp.float32),
             plgpu.SMEM((c,), jnp.float32),
             *[square() for _ in range(8)],
+            plgpu.SMEM((c, c), dtype, transforms=_tiles(c, dtype)),
             plgpu.Barrier(num_barriers=4),
         ],
         grid=(g.shape[-1] // c, hv, b),
@@ -448,7 +447,7 @@ def _check_gdn_shapes(q, k, v, g, beta, chunk_size, block_v, max_concurrent_step
     require_multiple("block_v", block_v, 64, "128-byte swizzled bf16 rows")
     require_multiple("value head_dim Dv", dv, block_v, f"whole block_v={block_v} tiles")
     c, item = _CHUNK, 2
-    check_smem("GDN prepare", (c * dk + c * dv + 8 * c * c) * item + 2 * c * 4, "Dk + Dv too large")
+    check_smem("GDN prepare", (c * dk + c * dv + 9 * c * c) * item + 2 * c * 4, "Dk + Dv too large")
     check_smem(
         "GDN state pass",
         (c * dk + 2 * c * block_v + 2 * dk * block_v) * item + dk * block_v * 4

@@ -51,15 +51,19 @@ def assert_close(x, x_ref, rel):
     np.testing.assert_allclose(x, x_ref, atol=rel * float(np.abs(x_ref).max()), rtol=0)
 
 
-# (B, T, Hk, Hv, lengths, with initial state): T = 100 (a partial second chunk) with ragged
-# rows and GQA 2; T = 200 (4 chunks: the state pipeline past its 2 stages) without extras.
-CHUNKED_CASES = [(2, 100, 1, 2, [100, 37], True), (1, 200, 2, 2, None, False)]
+# (B, T, Hk, Hv, lengths, with initial state, dtype): T = 100 (a partial second chunk) with
+# ragged rows and GQA 2, bf16; T = 200 (4 chunks: the state pipeline past its 2 stages)
+# without extras, f16.
+CHUNKED_CASES = [
+    (2, 100, 1, 2, [100, 37], True, BF16),
+    (1, 200, 2, 2, None, False, jnp.float16),
+]
 
 
-@pytest.mark.parametrize("b,t,hk,hv,lengths,with_state", CHUNKED_CASES)
-def test_chunked_matches_reference(b, t, hk, hv, lengths, with_state):
+@pytest.mark.parametrize("b,t,hk,hv,lengths,with_state,dtype", CHUNKED_CASES)
+def test_chunked_matches_reference(b, t, hk, hv, lengths, with_state, dtype):
     rng = np.random.default_rng(t)
-    q, k, v, g, beta = gdn_inputs(rng, b, t, hk, hv)
+    q, k, v, g, beta = gdn_inputs(rng, b, t, hk, hv, dtype=dtype)
     kw = dict(
         initial_state=jnp.asarray(rng.standard_normal((b, hv, 128, 128)) * 0.1, jnp.float32)
         if with_state
@@ -70,7 +74,7 @@ def test_chunked_matches_reference(b, t, hk, hv, lengths, with_state):
         q, k, v, g, beta
     )
     o_ref, state_ref = chunk_ref(q, k, v, g, beta, **kw)
-    assert o.dtype == BF16 and o.shape == v.shape and state.dtype == jnp.float32
+    assert o.dtype == dtype and o.shape == v.shape and state.dtype == jnp.float32
     assert_close(o, o_ref, 2e-2)
     assert_close(state, state_ref, 2e-2)
     if lengths is not None:
