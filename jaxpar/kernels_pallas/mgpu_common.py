@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxpar.kernels_pallas.attention_pallas import UnsupportedShapeError
+from jaxpar.kernels_pallas.errors import UnsupportedShapeError
 
 __all__ = [
     "MOSAIC_MIN_JAX",

@@ -70,9 +70,10 @@ def prefill_lse(q, k, lengths, scale, causal):
 
 
 # (B, T, H, KVH, D, lengths, causal, max_concurrent_steps, warp_specialized): GQA groups
-# 1 / 4 / 8, head_dim 256, 128 and 96 (zero-padded to 128), T not a multiple of the query or key blocks, ragged rows
-# (with a CTA wholly past its row's length), 3 key blocks through 2 pipeline slots, both
-# the single-warpgroup pipeline and the warp-specialised (2 compute + 1 memory) kernel.
+# 1 / 4 / 8, head_dim 256, 128 and 96 (zero-padded to 128), T not a multiple of the query
+# or key blocks, ragged rows (with a CTA wholly past its row's length), 3 key blocks
+# through 2 pipeline slots, both the single-warpgroup pipeline and the warp-specialised
+# (2 compute + 1 memory warpgroups) kernel.
 PREFILL_CASES = [
     (1, 100, 2, 2, 256, [91], True, 2, False),
     (2, 200, 4, 1, 128, [200, 70], True, 2, True),
@@ -252,3 +253,69 @@ def test_decode_lowers_for_cuda(heads, kv_heads, d, dcp):
     text = lower_for_cuda(f, spec(b, heads, d), spec(b, s, kv_heads, d),
                           spec(b, s, kv_heads, d), spec(b, dtype=jnp.int32))  # fmt: skip
     assert mosaic_kernel_count(text) == 1
+
+
+# ----------------------------------------------------------------------- dispatch
+
+
+def fake_gpu(monkeypatch, capability: float) -> None:
+    """Dispatch sees a GPU of this compute capability (resolution only: nothing compiles)."""
+    from jaxpar.kernels_pallas import dispatch
+
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
+    monkeypatch.setattr(dispatch, "_compute_capability", lambda: capability)
+
+
+def test_dispatch_selects_mosaic_on_hopper_only(monkeypatch):
+    """auto: Mosaic GPU on compute capability >= 9.0 where registered, Triton on older GPUs,
+    the reference on CPU; a forced Mosaic kernel that cannot run says why."""
+    from jaxpar.kernels_pallas import dispatch
+
+    mosaic_ops = ("attention_prefill", "attention_decode", "gated_delta_rule_chunked",
+                  "gated_delta_rule_decode")  # fmt: skip
+    assert set(dispatch.MOSAIC_KERNELS) == set(mosaic_ops)
+    for op in mosaic_ops:
+        assert dispatch.resolve_impl("auto", op=op) == "reference"  # CPU
+        assert dispatch.resolve_impl("mosaic", interpret=True, op=op) == "mosaic"
+        with pytest.raises(dispatch.KernelUnavailableError, match="needs a GPU"):
+            dispatch.resolve_impl("mosaic", op=op)
+    with pytest.raises(dispatch.KernelUnavailableError, match="no Mosaic GPU kernel"):
+        dispatch.resolve_impl("mosaic", interpret=True, op="attention_extend")
+    for capability, expected in ((9.0, "mosaic"), (8.0, "triton")):
+        fake_gpu(monkeypatch, capability)
+        for op in mosaic_ops:
+            assert dispatch.resolve_impl("auto", op=op) == expected
+    assert dispatch.resolve_impl("auto", op="attention_extend") == "triton"
+    with pytest.raises(dispatch.KernelUnavailableError, match="capability >= 9.0"):
+        dispatch.resolve_impl("mosaic", op="attention_decode")
+
+
+def test_dispatch_runs_mosaic_and_falls_back_loudly(monkeypatch):
+    from jaxpar.kernels_pallas import dispatch
+
+    rng = np.random.default_rng(11)
+    q, kc, vc = randn(rng, 1, 4, 128), randn(rng, 1, 64, 2, 128), randn(rng, 1, 64, 2, 128)
+    kv_lens = jnp.array([50], jnp.int32)
+    o, lse = dispatch.attention_decode(q, kc, vc, kv_lens, scale=0.1, impl="mosaic",
+                                       interpret=True, num_splits=1)  # fmt: skip
+    o_ref, lse_ref = decode_ref(q, kc, vc, kv_lens, scale=0.1)
+    np.testing.assert_allclose(o, o_ref, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(lse, lse_ref, atol=1e-3, rtol=1e-4)
+
+    # float32 and head_dim 24: forced, the Mosaic kernel raises; under auto on a Hopper GPU
+    # it hands over to Triton (which cannot compile here either), then the reference,
+    # warning at each step.
+    q24, k24 = randn(rng, 1, 4, 24, dtype=jnp.float32), randn(rng, 1, 64, 2, 24, dtype=jnp.float32)
+    with pytest.raises(dispatch.UnsupportedShapeError, match="bfloat16 or float16"):
+        dispatch.attention_decode(q24, k24, k24, kv_lens, scale=0.1, impl="mosaic",
+                                  interpret=True)  # fmt: skip
+    fake_gpu(monkeypatch, 9.0)
+    with pytest.warns(dispatch.KernelFallbackWarning) as caught:
+        o, lse = dispatch.attention_decode(q24, k24, k24, kv_lens, scale=0.1)
+    messages = [str(w.message) for w in caught]
+    assert "the mosaic kernel cannot run" in messages[0] and "using the triton" in messages[0]
+    assert "bfloat16 or float16" in messages[0]
+    assert "using the reference" in messages[-1]
+    monkeypatch.undo()
+    o_ref, lse_ref = decode_ref(q24, k24, k24, kv_lens, scale=0.1)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)

@@ -7,8 +7,9 @@ serial state pass with its TMA pipeline and its 2-slot ring of output tiles, the
 output pass) and the decode step, with their real TMA copies, barriers, swizzled shared
 memory, wgmma, column reductions and masks. Lowered for CUDA only: the state pass's
 in-place accumulation into S (``pl.run_state``, not interpreted). Only a GPU proves:
-asynchronous wgmma completion (synchronous in the interpreter), ``approx_math`` exp, register allocation and
-spills (ptxas), the shared-memory limit (counted by the wrappers) and speed.
+asynchronous wgmma completion (synchronous in the interpreter), ``approx_math`` exp,
+register allocation and spills (ptxas), the shared-memory limit (counted by the
+wrappers) and speed.
 """
 
 from __future__ import annotations
