@@ -228,6 +228,10 @@ def check_kernels(rep: Report, args) -> None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("error", dispatch.KernelFallbackWarning)
                         out = jax.block_until_ready(fn(*call_args))
+                except dispatch.UnsupportedShapeError as err:  # outside the kernel's rules
+                    rep.emit(section="kernels", op=op, impl=impl, shape=label,
+                             unsupported=str(err)[:300])  # fmt: skip
+                    continue
                 except Exception as err:
                     rep.emit(section="kernels", op=op, impl=impl, shape=label, ok=False,
                              error=f"{type(err).__name__}: {str(err)[:1000]}")  # fmt: skip

@@ -87,7 +87,14 @@ TRITON_KERNELS: dict[str, Callable] = {
 # Mosaic GPU kernels, "module:function" per operation. Registering one is one line here;
 # the module is imported on first use, and one that is absent or fails to import leaves
 # the operation on Triton (impl="mosaic" then says why).
-MOSAIC_KERNELS: dict[str, str] = {}
+MOSAIC_KERNELS: dict[str, str] = {
+    "attention_prefill": "jaxpar.kernels_pallas.attention_mgpu:prefill_attention_mgpu",
+    "attention_decode": "jaxpar.kernels_pallas.attention_mgpu:decode_attention_mgpu",
+    "gated_delta_rule_chunked":
+        "jaxpar.kernels_pallas.gated_delta_rule_mgpu:chunk_gated_delta_rule_mgpu",
+    "gated_delta_rule_decode":
+        "jaxpar.kernels_pallas.gated_delta_rule_mgpu:gated_delta_rule_step_mgpu",
+}  # fmt: skip
 
 OPS = tuple(REFERENCE_KERNELS)
 _MOSAIC_MIN_JAX = (0, 11)

@@ -41,7 +41,9 @@ def test_resolution_on_cpu():
         assert dispatch.resolve_impl("reference", op=op) == "reference"
         with pytest.raises(dispatch.KernelUnavailableError, match="needs a GPU"):
             dispatch.resolve_impl("triton", op=op)
-        with pytest.raises(dispatch.KernelUnavailableError, match="no Mosaic GPU kernel"):
+        # Registered Mosaic GPU kernels need a Hopper GPU (and jax >= 0.11) when compiled.
+        with pytest.raises(dispatch.KernelUnavailableError,
+                           match="no Mosaic GPU kernel|needs a GPU|need jax"):  # fmt: skip
             dispatch.resolve_impl("mosaic", op=op)
     assert dispatch.PallasUnavailableError is dispatch.KernelUnavailableError
     with pytest.warns(DeprecationWarning, match="use 'triton'"):
@@ -73,12 +75,12 @@ def fake_gpu(monkeypatch):
 def test_mosaic_registration_is_one_line(monkeypatch, fake_gpu):
     """A "module:function" entry makes auto pick Mosaic GPU where it is supported."""
     fake_gpu(9.0)
-    assert dispatch.resolve_impl("auto", op="attention_decode") == "triton"
-    monkeypatch.setitem(dispatch.MOSAIC_KERNELS, "attention_decode",
-                        "jaxpar.kernels_pallas.attention:decode_attention")  # fmt: skip
-    assert dispatch.resolve_impl("auto", op="attention_decode") == "mosaic"
-    assert dispatch.implementations("attention_decode")["mosaic"] is attn_ref.decode_attention
-    assert dispatch.resolve_impl("auto", op="attention_prefill") == "triton"  # not registered
+    assert dispatch.resolve_impl("auto", op="attention_extend") == "triton"
+    monkeypatch.setitem(dispatch.MOSAIC_KERNELS, "attention_extend",
+                        "jaxpar.kernels_pallas.attention:extend_attention")  # fmt: skip
+    assert dispatch.resolve_impl("auto", op="attention_extend") == "mosaic"
+    assert dispatch.implementations("attention_extend")["mosaic"] is attn_ref.extend_attention
+    assert dispatch.resolve_impl("auto", op="attention_prefill") == "mosaic"  # registered
     fake_gpu(8.0)  # Ampere: Triton, and a forced Mosaic GPU says why not
     assert dispatch.resolve_impl("auto", op="attention_decode") == "triton"
     with pytest.raises(dispatch.KernelUnavailableError, match="compute capability >= 9.0"):
@@ -110,7 +112,7 @@ def test_compile_failure_falls_back_loudly(monkeypatch):
     compile (non-interpreted Pallas on the CPU), so auto runs the reference with a warning
     and a forced impl raises KernelCompileError."""
     monkeypatch.setattr(dispatch, "_on_gpu", lambda: True)
-    monkeypatch.setattr(dispatch, "_compute_capability", lambda: 9.0)
+    monkeypatch.setattr(dispatch, "_compute_capability", lambda: 8.0)  # Triton first
     monkeypatch.setattr(dispatch, "_COMPILED", {})
     q, kc, vc, kv_lens = decode_inputs()
     with pytest.warns(dispatch.KernelFallbackWarning, match="attention_decode: the triton kernel"

@@ -26,7 +26,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(module.SECTIONS) | {"run", "summary"} <= sections
     kernels = [r for r in records if r["section"] == "kernels" and "op" in r]
     assert {r["op"] for r in kernels} == set(module.dispatch.OPS)
-    assert all(r["ok"] and r["nans"] == 0 for r in kernels), kernels
+    # A kernel may reject a shape outside its rules (say so); every kernel that ran is right.
+    ran = [r for r in kernels if "unsupported" not in r]
+    assert {r["op"] for r in ran} == set(module.dispatch.OPS)
+    assert all(r["ok"] and r["nans"] == 0 for r in ran), kernels
     decode = [r for r in records if r["section"] == "decode" and "kv_len" in r]
     assert all(r["reference_ms"] > 0 and r["floor_ms"] > 0 for r in decode)
     generate = [r for r in records if r["section"] == "generate"]
