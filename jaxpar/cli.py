@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit status (2: bad input, 130: interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -159,6 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
         print("jaxpar: interrupted", file=sys.stderr)
+        if argv is None:
+            # The command line: leave at once. Interrupted inside a JAX call (tracing,
+            # compiling), the runtime can crash while the interpreter tears it down.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 
