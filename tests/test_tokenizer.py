@@ -203,27 +203,29 @@ _BLOCK_TORCH = '''\
 import sys
 
 
-class _NoTorch:
-    """`import torch` fails, as in a fresh environment without it."""
+class _Blocked:
+    """`import torch` (and transformers) fails, as in a fresh environment without them."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError("No module named 'torch' (blocked by the test)", name=name)
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
         return None
 
 
-sys.meta_path.insert(0, _NoTorch())
+sys.meta_path.insert(0, _Blocked())
 '''
 
 
 def test_readme_demo_runs_without_torch(tmp_path):
     """`jaxpar generate --chat --prompt "What is the capital of France?"` on the default
-    model, in a process where importing torch fails."""
+    model, in a process where importing torch or transformers fails."""
     _smol_gguf()
     (tmp_path / "sitecustomize.py").write_text(_BLOCK_TORCH)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]), JAX_PLATFORMS="cpu")
-    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert check.returncode != 0 and "blocked by the test" in check.stderr
+    for module in ("torch", "transformers"):
+        check = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True,
+                               text=True)
+        assert check.returncode != 0 and "blocked by the test" in check.stderr
     run = subprocess.run([sys.executable, "-m", "jaxpar.cli", "generate", "--chat", "--prompt",
                           "What is the capital of France?"], env=env, capture_output=True, text=True,
                          cwd=tmp_path)
