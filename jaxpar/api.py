@@ -168,7 +168,7 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
 def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64,
              **kwargs) -> GenerationResult:
     """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh)."""
-    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress"}
+    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress", "tokenizer"}
     model = load(path_or_alias, **{k: v for k, v in kwargs.items() if k in load_keys})
     return model.generate(prompts, max_new_tokens,
                           **{k: v for k, v in kwargs.items() if k not in load_keys})

@@ -5,8 +5,8 @@ the way Hugging Face renders them.
 A GGUF file carries no `tokenizer.json`: it stores the vocabulary, the BPE merges, each
 token's type, the special token ids and the chat template under `tokenizer.*` keys, and
 names the pre-tokenizer (the regular expressions that split text before BPE) by a short
-key, `tokenizer.ggml.pre`. We turn that into the `tokenizer.json` the model was trained
-with; the pre-tokenizer keys follow llama.cpp's table (llama-vocab.cpp).
+key, `tokenizer.ggml.pre`. We turn that into an equivalent `tokenizer.json`; the
+pre-tokenizer keys and their expressions follow llama.cpp's table (llama-vocab.cpp).
 """
 
 from __future__ import annotations
