@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 # `jaxpar convert` and `jaxpar plan`); the names stay importable from here.
 from jaxpar.assembly import (ALIASES, DEFAULT_MODEL, DTYPES, SMOLLM2_GGUF, SMOLLM2_WHEEL,
                              Policy, abstract_model, make_sharding, open_checkpoint, open_config,
-                             resolve_dtype, smollm2_gguf_path)
+                             resolve_dtype, resolve_path, smollm2_gguf_path)
 from jaxpar.config import ModelConfig
 from jaxpar.generate import GenerationResult, Generator
 from jaxpar.loading.sources import CheckpointError
@@ -25,10 +26,22 @@ from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import KernelImpl, RuntimeOptions
 from jaxpar.sampling import SamplingParams
 from jaxpar.sharding.model_sharding import ModelSharding
-from jaxpar.tokenizer import Prompt, encode, load_tokenizer
+from jaxpar.tokenizer import Prompt, Tokenizer, encode, load_tokenizer
 
 
-def _stop_ids(cfg: ModelConfig, tokenizer, model_dir: Path) -> set[int]:
+def open_tokenizer(path_or_alias: str | Path) -> Tokenizer | None:
+    """The tokenizer of a model folder, GGUF file or alias, without touching weights (None
+    for a folder without tokenizer files)."""
+    path = resolve_path(path_or_alias)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path_or_alias} is neither a model folder, a .gguf file, nor an alias "
+            f"({', '.join(sorted(ALIASES))})")
+    return load_tokenizer(path)
+
+
+def _stop_ids(cfg: ModelConfig, tokenizer: Tokenizer | None, model_dir: Path) -> set[int]:
+    """End-of-sequence ids, only from the config, generation_config.json and a real tokenizer."""
     ids = set(cfg.eos_token_ids)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
@@ -43,7 +56,7 @@ def _stop_ids(cfg: ModelConfig, tokenizer, model_dir: Path) -> set[int]:
 class LoadedModel:
     """A model with its weights placed on a mesh, its tokenizer and compiled programs."""
 
-    def __init__(self, module: CausalLM, tokenizer, dtype, stop_ids: set[int],
+    def __init__(self, module: CausalLM, tokenizer: Tokenizer | None, dtype, stop_ids: set[int],
                  skipped_weights: Sequence[str] = ()):
         self.module = module
         # Checkpoint tensors deliberately not loaded (e.g. a vision tower, an MTP head).
@@ -61,9 +74,7 @@ class LoadedModel:
         return self.sharding.mesh
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
-        if self.tokenizer is None and not (isinstance(prompt, (list, tuple)) and
-                                           all(isinstance(t, int) for t in prompt)):
-            raise ValueError("this model was loaded without a tokenizer: pass token ids")
+        """Token ids of one prompt (text, chat messages, or ids passed through)."""
         return encode(self.tokenizer, prompt, chat=chat)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, *,
@@ -116,13 +127,15 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
          policy: Policy = None,
          devices: Sequence[jax.Device] | None = None, mesh: jax.sharding.Mesh | None = None,
          sharding: ModelSharding | None = None, kernel_impl: KernelImpl = "auto",
-         progress: bool = True, tokenizer: bool = True) -> LoadedModel:
+         progress: bool | None = None, tokenizer: bool | Tokenizer = True) -> LoadedModel:
     """Loads an HF folder (safetensors), a Llama GGUF file, or an alias (`smollm2-135m`).
 
     `policy` is a rule table (preset name such as "tp" / "tpa-dcp" / "dp-attention" / "sp",
     a YAML file, a dict, or a RuleTable); None is plain tensor parallelism over `devices`
     (default one device). A policy uses `devices`, the devices of `mesh`, or all devices.
-    Weights stream tensor by tensor into their shardings.
+    Weights stream tensor by tensor into their shardings; `progress` shows a bar (default:
+    when stderr is a terminal). `tokenizer=False` loads none (token ids in and out); a
+    Tokenizer instance is used as given. A folder without tokenizer files loads without one.
     """
     ckpt = open_checkpoint(path_or_alias)
     cfg = ckpt.cfg
@@ -130,10 +143,19 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     if sharding is None:
         sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
     graphdef, state = abstract_model(cfg, sharding, jdtype, RuntimeOptions(kernel_impl=kernel_impl))
+    if progress is None:
+        progress = sys.stderr.isatty()
     bar = (lambda it: tqdm(it, desc="loading weights", unit="tensor", leave=False)) if progress else None
     state = ckpt.load_state(state, sharding, jdtype, progress=bar)
     module = nnx.merge(graphdef, state)
-    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file) if tokenizer else None
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file) if tokenizer else None
+        if tokenizer and tok is None:
+            logging.getLogger("jaxpar").warning(
+                "%s has no tokenizer files: loaded without a tokenizer (token ids in and out; "
+                "text prompts are refused)", ckpt.tokenizer_dir)
     skipped = ckpt.skipped_tensors()
     if skipped:
         groups = sorted({n.split(".")[0] + "." + n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
@@ -146,13 +168,13 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
 def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64,
              **kwargs) -> GenerationResult:
     """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh)."""
-    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress"}
+    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress", "tokenizer"}
     model = load(path_or_alias, **{k: v for k, v in kwargs.items() if k in load_keys})
     return model.generate(prompts, max_new_tokens,
                           **{k: v for k, v in kwargs.items() if k not in load_keys})
 
 
-__all__ = ["load", "generate", "LoadedModel", "CheckpointError", "DEFAULT_MODEL",
+__all__ = ["load", "generate", "open_tokenizer", "LoadedModel", "CheckpointError", "DEFAULT_MODEL",
            # from jaxpar.assembly, importable from here as before
            "ALIASES", "DTYPES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL", "Policy", "make_sharding",
            "open_config", "resolve_dtype", "smollm2_gguf_path"]

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpar.models.cache import Cache
-from jaxpar.models.decoder import CausalLM, init_cache
+from jaxpar.models.decoder import CausalLM, cache_shapes, init_cache
 from jaxpar.sampling import SamplingParams, sample
 from jaxpar.sharding.host import replicated, to_host
 
@@ -39,6 +39,8 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: float
     decode_steps: int
+    # Compiling the programs this call needed (ahead of time, outside prefill and decode).
+    compile_ms: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -48,7 +50,7 @@ class GenerationResult:
 
     @property
     def timings(self) -> dict[str, float]:
-        return {"prefill_ms": self.prefill_ms, "decode_ms": self.decode_ms,
+        return {"compile_ms": self.compile_ms, "prefill_ms": self.prefill_ms, "decode_ms": self.decode_ms,
                 "decode_steps": self.decode_steps, "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
@@ -104,6 +106,13 @@ def model_programs(graphdef, treedef) -> tuple[Callable, Callable]:
     return prefill, decode
 
 
+def _compiled_outputs(lowered):
+    """Compiles a lowered program; returns its outputs as ShapeDtypeStructs with shardings."""
+    compiled = lowered.compile()
+    return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+                        lowered.out_info, compiled.output_shardings)
+
+
 class Generator:
     """Compiled prefill and decode programs for one model.
 
@@ -123,6 +132,7 @@ class Generator:
         self.sample = jax.jit(_sample, static_argnames="mode")
         self._flat_of = None
         self._treedef = None
+        self._compiled: set = set()  # program signatures compiled ahead of time
 
     def _flat_state(self) -> list[jax.Array]:
         """The state's leaves; the programs are (re)built if the state was replaced by
@@ -132,8 +142,41 @@ class Generator:
             if self._treedef is None or treedef != self._treedef:
                 self.prefill, self.decode = model_programs(self.graphdef, treedef)
                 self._treedef = treedef
+                self._compiled = set()
             self._flat_of, self._leaves = self.state, leaves
         return self._leaves
+
+    def compile(self, rows: int, t_bucket: int, cache_len: int, sampling: SamplingParams | None = None
+                ) -> float:
+        """Compiles, ahead of time, every program a generate call of this shape runs:
+        prefill, decode (for the shardings its inputs arrive with: from prefill, then from
+        decode itself) and, when sampling, the sampler. Returns the milliseconds spent (0
+        when done before), so prefill and decode timings exclude compilation. The calls
+        that follow reuse these executables (JAX caches them by signature)."""
+        mode = None if sampling is None or sampling.greedy else sampling.mode()
+        key = (rows, t_bucket, cache_len, mode)
+        if key in self._compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        weights = self._flat_state()
+        rep = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        tokens = jax.ShapeDtypeStruct((rows, t_bucket), jnp.int32, sharding=rep)
+        lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rep)
+        cache = cache_shapes(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
+        pending = [_compiled_outputs(self.prefill.lower(weights, tokens, lengths, cache))]
+        seen = []
+        while pending:
+            next_tokens, logits, cache = pending.pop()
+            if mode is not None:
+                params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in sampling.arrays()]
+                seed_step = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)
+                self.sample.lower(logits, seed_step, *params, mode=mode).compile()
+            signature = [a.sharding for a in jax.tree.leaves((next_tokens, cache))]
+            if signature not in seen:
+                seen.append(signature)
+                pending.append(_compiled_outputs(self.decode.lower(weights, next_tokens, cache)))
+        self._compiled.add(key)
+        return (time.perf_counter() - t0) * 1e3
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams, *, stop_ids: set[int],
@@ -196,6 +239,7 @@ class Generator:
             greedy_tokens, logits, cache = self.decode(weights, tokens, cache)
             return choose(greedy_tokens, logits, step), cache
 
+        compile_ms = self.compile(rows, t_bucket, cache_len, sampling)
         cache = init_cache(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
 
         t0 = time.perf_counter()
@@ -210,9 +254,10 @@ class Generator:
         steps = 0
 
         def accept(row: int, tok: int) -> None:
+            # As HF generate and vLLM: an EOS token ends the row and stays in its token
+            # ids, but not in its text.
             out[row].append(tok)
             if tok in stop_ids:
-                out[row].pop()
                 done[row], reasons[row] = True, "stop"
             elif detokenize is not None and (stop_strings or stream):
                 text = detokenize(out[row])
@@ -247,7 +292,7 @@ class Generator:
         t2 = time.perf_counter()
 
         if detokenize is not None and not (stop_strings or stream):
-            texts = [detokenize(o) for o in out]
+            texts = [detokenize(o[:-1] if o and o[-1] in stop_ids else o) for o in out]
         return GenerationResult(texts=texts, token_ids=out, prompt_token_ids=[list(p) for p in prompts],
                                 finish_reasons=reasons, prefill_ms=(t1 - t0) * 1e3,
-                                decode_ms=(t2 - t1) * 1e3, decode_steps=steps)
+                                decode_ms=(t2 - t1) * 1e3, decode_steps=steps, compile_ms=compile_ms)

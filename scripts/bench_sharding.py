@@ -41,7 +41,6 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
@@ -733,7 +732,10 @@ def main(argv=None) -> int:
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "bytes_convention": "result-buffer bytes per device (as plan_report); wire = ring model",
               "policies": rows, "table": table, "elapsed_s": time.perf_counter() - t_start}
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_info import write_json
+
+    write_json(args.out, result)
     print(f"\nwrote {args.out} ({time.perf_counter() - t_start:.0f}s)")
     return 0
 

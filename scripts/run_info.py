@@ -39,10 +39,31 @@ def machine() -> dict:
     return info
 
 
+def xla_cpu_threads() -> int:
+    """Threads XLA's CPU backend computes with: one per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def match_torch_threads(threads: int | None = None) -> int:
+    """Gives PyTorch (the HF reference) as many intra-op threads as XLA uses, or `threads`;
+    returns the number. Every benchmark comparing the two calls this first."""
+    import torch
+
+    n = threads or xla_cpu_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 def run_info() -> dict:
-    """Command line, machine (cores, load average, devices) and library versions."""
+    """Command line, machine (cores, load average, devices), threads and library versions."""
+    threads = {"xla_cpu": xla_cpu_threads()}
+    if "torch" in sys.modules:
+        threads["torch"] = sys.modules["torch"].get_num_threads()
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-            "versions": versions()}
+            "threads": threads, "versions": versions()}
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

@@ -2,6 +2,7 @@
 checkpoints, and their sharding policies (GDN replicated / split, EP, mixed tables)."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,9 @@ FAMILIES = list(hf_models.HYBRID_FAMILIES)
 @pytest.fixture(scope="module")
 def hybrid_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid")
-    return {f: hf_models.save_tiny(f, root / f) for f in FAMILIES}
+    # Qwen3-Next without an EOS id in its config (test_folder_without_tokenizer_generates_like_hf).
+    return {f: hf_models.save_tiny(f, root / f, **({"eos_token_id": None} if f == "qwen3_next" else {}))
+            for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,38 @@ def test_greedy_tokens_match_hf_generate(family, hybrid_models, loaded):
     prompt = IDS[0, :7].tolist()
     assert loaded(family).generate(prompt, 10, ignore_eos=True).token_ids[0] == \
         hf_models.hf_greedy(hybrid_models[family], prompt, 10)
+
+
+# After this prompt the tiny Qwen3-Next greedily emits 0 and 2 (ids that a fallback
+# tokenizer or the usual configs take for EOS) among its first 12 tokens.
+NO_EOS_PROMPT, NO_EOS_STEPS = [86, 228, 69, 60, 183, 160], 12
+
+
+def test_folder_without_tokenizer_generates_like_hf(hybrid_models, loaded, caplog):
+    """A folder saved by save_pretrained (no tokenizer files) whose config has no EOS id
+    loads without a tokenizer and without stop ids, and generates what HF generates."""
+    import torch
+
+    path = hybrid_models["qwen3_next"]
+    assert not any(p.name.startswith("tokenizer") for p in path.iterdir())
+    with caplog.at_level(logging.WARNING, logger="jaxpar"):
+        bare = jaxpar.load(path, progress=False)
+    assert bare.tokenizer is None and bare.stop_ids == set()
+    assert any("no tokenizer files" in r.getMessage() and "loaded without a tokenizer" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ValueError, match="loaded without a tokenizer: pass token ids"):
+        bare.generate("hello", 4)
+
+    hf = hf_models.hf_model(path)
+    with torch.no_grad():  # HF's own stopping rules: none apply to this folder
+        ref = hf.generate(torch.tensor([NO_EOS_PROMPT]), max_new_tokens=NO_EOS_STEPS,
+                          do_sample=False)[0, len(NO_EOS_PROMPT):].tolist()
+    assert len(ref) == NO_EOS_STEPS and 0 in ref[:-1] and 2 in ref[:-1]
+    # The same weights and stop ids, with programs the greedy test above compiled already.
+    model = loaded("qwen3_next")
+    assert model.stop_ids == set()
+    result = model.generate(NO_EOS_PROMPT, NO_EOS_STEPS)
+    assert result.token_ids == [ref] and result.finish_reasons == ["length"]
 
 
 def test_batched_ragged_prompts_equal_one_by_one(loaded):

@@ -67,6 +67,53 @@ def test_stories_batch_rows_equal_single_runs(stories):
     assert batched == single
 
 
+def test_compilation_is_timed_apart_from_prefill_and_decode(stories, monkeypatch):
+    """generate compiles its programs ahead of time (compile_ms) and then runs them without
+    compiling again, so prefill_ms and decode_ms (hence tokens/s) are steady-state."""
+    import logging
+
+    import jax
+
+    from jaxpar.generate import Generator
+
+    model = stories  # 8 new tokens: a cache length no other test here compiles for
+    inside, outside = [False], []
+    compile_ahead = Generator.compile
+
+    def traced_compile(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return compile_ahead(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of jit(") and not inside[0]:
+                outside.append(message)
+
+    monkeypatch.setattr(Generator, "compile", traced_compile)
+    handler = Record()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            first = model.generate(PROMPT, 8)
+            second = model.generate(PROMPT, 8)
+            sampled = model.generate(PROMPT, 8, temperature=0.8, top_p=0.9)
+            again = model.generate(PROMPT, 8, temperature=0.5, top_k=5)
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    # Only the cache's zeros (small element-wise programs, before the clock starts) may
+    # compile outside Generator.compile.
+    assert all("jit(broadcast_in_dim)" in m or "jit(convert_element_type)" in m
+                           for m in outside), outside
+    assert first.compile_ms > 0 and second.compile_ms == 0 and again.compile_ms == 0
+    assert sampled.compile_ms > 0  # the sampler
+    assert first.token_ids == second.token_ids
+    assert set(first.timings) >= {"compile_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"}
+
+
 def test_stories_logits_match_hf(stories, stories_dir):
     import torch
     import transformers
@@ -148,6 +195,26 @@ def test_smollm2_chat_answers_paris(smol, chat_ids):
     assert result.prompt_token_ids == [chat_ids]
     assert "Paris" in result.texts[0]
     assert result.finish_reasons == ["stop"]  # it ends its answer with <|im_end|>
+    # As HF generate and vLLM: the EOS id ends token_ids; the text leaves it out.
+    assert result.token_ids[0][-1] == smol.tokenizer.eos_token_id == 2
+    assert result.texts[0] == smol.tokenizer.decode(result.token_ids[0][:-1])
+    assert "<|im_end|>" not in smol.tokenizer.decode(result.token_ids[0][:-1], skip_special_tokens=False)
+    # The same through the stop-string / streaming path.
+    pieces = []
+    streamed = smol.generate([{"role": "user", "content": QUESTION}], 24, chat=True, stop=["no such text"],
+                             stream=lambda row, text: pieces.append(text))
+    assert streamed.token_ids == result.token_ids and streamed.texts == result.texts == ["".join(pieces)]
+
+
+def test_smollm2_token_ids_equal_hf_generate_with_eos(smol, hf_smol, chat_ids):
+    import torch
+
+    ours = smol.generate(chat_ids, 24)
+    with torch.no_grad():
+        ref = hf_smol.generate(torch.tensor([chat_ids]), max_new_tokens=24, do_sample=False,
+                               eos_token_id=2, pad_token_id=2)[0, len(chat_ids):].tolist()
+    assert ref[-1] == 2 and len(ref) < 24  # HF stopped on EOS and kept it
+    assert ours.token_ids == [ref]
 
 
 def test_smollm2_gguf_tensors_equal_hf_dequantised(smol_path, hf_smol):

@@ -188,12 +188,23 @@ class GGUFSource:
     def field(self, key: str, default: Any = None) -> Any:
         return self.file.metadata.get(key, default)
 
+    def tokenizer_metadata(self) -> dict[str, Any]:
+        """The `tokenizer.*` keys (vocabulary, merges, token types, special ids, chat
+        template), from which `jaxpar.tokenizer.tokenizer_from_gguf` builds the tokenizer."""
+        return {k: v for k, v in self.file.metadata.items() if k.startswith("tokenizer.")}
+
+    def stop_token_ids(self) -> list[int]:
+        """End-of-generation ids: EOS, and end-of-turn / end-of-message where given."""
+        ids = [self.field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
     def hf_config(self) -> dict[str, Any]:
         """The GGUF metadata as an HF `config.json` dict (Llama)."""
         f = self.field
         heads = int(f("llama.attention.head_count"))
         hidden = int(f("llama.embedding_length"))
         vocab = f("llama.vocab_size") or len(f("tokenizer.ggml.tokens", ()))
+        stops = self.stop_token_ids()
         return {
             "model_type": "llama",
             "vocab_size": int(vocab),
@@ -208,7 +219,7 @@ class GGUFSource:
             "max_position_embeddings": int(f("llama.context_length", 2048)),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "bos_token_id": f("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": f("tokenizer.ggml.eos_token_id"),
+            "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
             "torch_dtype": "float32",
         }
 
