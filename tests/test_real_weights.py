@@ -19,6 +19,7 @@ import pytest
 
 import jaxpar
 from jaxpar.api import SMOLLM2_GGUF, smollm2_gguf_path
+from tests import hf_models
 
 PROMPT = "Once upon a time"
 PROMPT_IDS = [1, 403, 407, 261, 378]
@@ -67,6 +68,7 @@ def test_stories_batch_rows_equal_single_runs(stories):
     assert batched == single
 
 
+@hf_models.needs_torch
 def test_stories_logits_match_hf(stories, stories_dir):
     import torch
     import transformers
@@ -110,6 +112,7 @@ def smol(smol_path):
 @pytest.fixture(scope="module")
 def hf_smol(smol_path):
     """HF's own reading of the same GGUF (it dequantises and un-permutes by itself)."""
+    hf_models.require_torch()
     if importlib.util.find_spec("accelerate") is None:
         pytest.skip("transformers needs the `accelerate` package to load a GGUF file "
                     "(pip install accelerate)")

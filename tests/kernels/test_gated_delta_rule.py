@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from jaxpar.kernels_pallas import dispatch
 from jaxpar.kernels_pallas import gated_delta_rule as ref
 from jaxpar.kernels_pallas import gated_delta_rule_pallas as gdn_pallas
+from tests import hf_models
 
 RTOL, ATOL = 1e-4, 1e-5  # float32
 
@@ -30,8 +29,17 @@ def make_inputs(b, t, hk, hv, dk, dv, *, seed=0, dtype=np.float32):
     return dict(q=cast(q), k=cast(k), v=cast(v), g=jnp.asarray(g), beta=jnp.asarray(beta), s0=s0)
 
 
+def torch_and_hf():
+    """torch and transformers' Qwen3-Next module (the reference); a skip without torch."""
+    torch = hf_models.require_torch()
+    from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+    return torch, hf
+
+
 def hf_reference(x, *, chunked: bool):
     """Runs transformers' torch_{chunk,recurrent}_gated_delta_rule on the same inputs."""
+    torch, hf = torch_and_hf()
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
     fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
     o, s = fn(
@@ -154,6 +162,7 @@ def conv_inputs(b, hk, dk, hv, dv, ksize, state_len, seed=8):
 
 @pytest.mark.parametrize("state_len", [4, 3])  # HF keeps K inputs, vLLM K - 1
 def test_fused_conv_decode_reference_matches_hf(state_len):
+    torch, hf = torch_and_hf()
     hk, dk, hv, dv = 1, 16, 2, 16
     x = conv_inputs(2, hk, dk, hv, dv, 4, state_len)
     kw = dict(num_k_heads=hk, head_k_dim=dk, num_v_heads=hv)
