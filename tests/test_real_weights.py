@@ -153,6 +153,25 @@ def test_smollm2_chat_answers_paris(smol, chat_ids):
     assert result.finish_reasons == ["stop"]  # it ends its answer with <|im_end|>
 
 
+@hf_models.needs_torch
+def test_smollm2_tokenizer_equals_hf(smol, smol_path):
+    """Our GGUF tokenizer (transformers' converter fed by our metadata reader, no torch)
+    is the one transformers builds from the file itself."""
+    from transformers import PreTrainedTokenizerFast
+
+    ours = smol.tokenizer
+    ref = PreTrainedTokenizerFast.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name,
+                                                  local_files_only=True)
+    assert ours.get_vocab() == ref.get_vocab()
+    assert ours.special_tokens_map == ref.special_tokens_map and ours.chat_template == ref.chat_template
+    for text in ("Hello world", "  spaces,\nnewlines\t and tabs", "naïve café 東京 🙂", "<|im_start|>user\nhi<|im_end|>"):
+        assert ours(text).input_ids == ref(text).input_ids, text
+        assert ours.decode(ours(text).input_ids) == ref.decode(ref(text).input_ids), text
+    chat = [{"role": "user", "content": QUESTION}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
+        ref.apply_chat_template(chat, add_generation_prompt=True)
+
+
 def test_smollm2_gguf_tensors_equal_hf_dequantised(smol_path, hf_smol):
     """Our GGUF source gives exactly HF's tensors, q/k rows un-permuted."""
     from jaxpar.loading.gguf_source import GGUFSource
