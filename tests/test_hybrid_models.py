@@ -144,7 +144,9 @@ def test_policies_match_one_device(family, policy, loaded):
     base = loaded(family)
     model = loaded(family, {**GDN_POLICIES, **EP_POLICIES}[policy])
     ref = base.logits(IDS)
-    np.testing.assert_allclose(model.logits(IDS), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # float32 partial sums in another order (experts / heads over ranks): 1.2e-5 of the largest
+    # logit seen for some random draws.
+    np.testing.assert_allclose(model.logits(IDS), ref, rtol=3e-5, atol=3e-5 * np.abs(ref).max())
     prompts = [IDS[0, :5].tolist(), IDS[1].tolist()]
     assert model.generate(prompts, 8, ignore_eos=True).token_ids == \
         base.generate(prompts, 8, ignore_eos=True).token_ids
