@@ -1,10 +1,44 @@
-"""Tiny random Hugging Face models, made and saved at test time as references."""
+"""Tiny random Hugging Face checkpoints, made at test time, and the HF reference (torch).
+
+Two passes run the tests (see `.ci/run`): Python 3.11 with torch, where HF transformers is
+the reference, and Python 3.12 with the newest jax and no torch. So:
+
+- Nothing here imports torch at module level. `HAS_TORCH` says whether it is installed;
+  `needs_torch` (a mark) and `require_torch()` (inside a test or fixture) skip with
+  `NO_TORCH_REASON` where it is not. `hf_model` / `hf_logits` / `hf_greedy` call
+  `require_torch()` themselves, so a test that uses the HF reference skips by itself.
+- `save_tiny` writes a tiny checkpoint either way: with torch, HF's own `save_pretrained`
+  of a random model (the reference); without torch, the same config.json and
+  generation_config.json (transformers' Config classes need no torch) and random float32
+  safetensors with HF's tensor names and shapes (`hf_tensor_shapes`, HF's layout stated
+  here independently of jaxpar's loader). `tests/test_hf_models.py` checks, on the pass
+  with torch, that both ways write the same files, configs, names, shapes and dtypes.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+NO_TORCH_REASON = "needs torch (the HF reference); runs in the Python 3.11 pass"
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason=NO_TORCH_REASON)
+
+
+def require_torch():
+    """torch, or a skip (with NO_TORCH_REASON) of the calling test or fixture."""
+    if not HAS_TORCH:
+        pytest.skip(NO_TORCH_REASON)
+    import torch
+
+    return torch
+
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
 HYBRID_FAMILIES = ("qwen3_5", "qwen3_next", "qwen3_moe", "qwen3_5_moe")
@@ -47,6 +81,10 @@ def tiny_config(family: str, **overrides):
 
 
 def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random float32 checkpoint of `family` in `path`: HF's save_pretrained where
+    torch is installed, `write_tiny` (same files, no torch) where it is not."""
+    if not HAS_TORCH:
+        return write_tiny(family, path, seed, **overrides)
     import torch
     import transformers
 
@@ -62,8 +100,178 @@ def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- without torch
+
+
+def _linear(out: dict, name: str, rows: int, cols: int, bias: bool = False) -> None:
+    out[f"{name}.weight"] = (rows, cols)
+    if bias:
+        out[f"{name}.bias"] = (rows,)
+
+
+def _mlp(out: dict, prefix: str, hidden: int, ffn: int, bias: bool = False) -> None:
+    _linear(out, prefix + "gate_proj", ffn, hidden, bias)
+    _linear(out, prefix + "up_proj", ffn, hidden, bias)
+    _linear(out, prefix + "down_proj", hidden, ffn, bias)
+
+
+def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor HF's `save_pretrained` writes for the CausalLM of a
+    config.json (`hf`), for the families of this module. HF writes MoE experts per expert
+    (`mlp.experts.{e}.gate_proj.weight` ...), its gated attention as a q_proj twice as
+    tall, Qwen3-Next's GDN projections fused per key head (`in_proj_qkvz`, `in_proj_ba`)
+    and Qwen3.5's split (`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`)."""
+    kind = hf["model_type"]
+    if kind not in ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
+        raise ValueError(f"no torch-free HF tensor layout for model_type {kind!r}: add it to "
+                         "tests/hf_models.hf_tensor_shapes (tests/test_hf_models.py checks it against HF)")
+    hidden, layers = hf["hidden_size"], hf["num_hidden_layers"]
+    heads, kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    hybrid = kind in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+    qkv_bias = kind == "qwen2" or bool(hf.get("attention_bias"))
+    o_bias = kind != "qwen2" and bool(hf.get("attention_bias"))
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    sparse_step = hf.get("decoder_sparse_step") or 1
+    dense_only = set(hf.get("mlp_only_layers") or [])
+
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (hf["vocab_size"], hidden)}
+    for i, mixer in enumerate(hf.get("layer_types") or ["full_attention"] * layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (hidden,)
+        out[p + "post_attention_layernorm.weight"] = (hidden,)
+        if mixer == "full_attention":
+            a = p + "self_attn."
+            _linear(out, a + "q_proj", heads * head_dim * (2 if hybrid else 1), hidden, qkv_bias)
+            _linear(out, a + "k_proj", kv_heads * head_dim, hidden, qkv_bias)
+            _linear(out, a + "v_proj", kv_heads * head_dim, hidden, qkv_bias)
+            _linear(out, a + "o_proj", hidden, heads * head_dim, o_bias)
+            if kind not in ("llama", "qwen2"):
+                out[a + "q_norm.weight"] = out[a + "k_norm.weight"] = (head_dim,)
+        else:
+            a = p + "linear_attn."
+            vh = hf["linear_num_value_heads"]
+            kd = hf["linear_num_key_heads"] * hf["linear_key_head_dim"]
+            vd = vh * hf["linear_value_head_dim"]
+            if kind == "qwen3_next":
+                _linear(out, a + "in_proj_qkvz", 2 * kd + 2 * vd, hidden)
+                _linear(out, a + "in_proj_ba", 2 * vh, hidden)
+            else:
+                _linear(out, a + "in_proj_qkv", 2 * kd + vd, hidden)
+                _linear(out, a + "in_proj_z", vd, hidden)
+                _linear(out, a + "in_proj_b", vh, hidden)
+                _linear(out, a + "in_proj_a", vh, hidden)
+            out[a + "conv1d.weight"] = (2 * kd + vd, 1, hf["linear_conv_kernel_dim"])
+            out[a + "dt_bias"] = out[a + "A_log"] = (vh,)
+            out[a + "norm.weight"] = (hf["linear_value_head_dim"],)
+            _linear(out, a + "out_proj", hidden, vd)
+        m = p + "mlp."
+        if experts and i not in dense_only and (i + 1) % sparse_step == 0:
+            _linear(out, m + "gate", experts, hidden)
+            for e in range(experts):
+                _mlp(out, f"{m}experts.{e}.", hidden, hf["moe_intermediate_size"])
+            if hf.get("shared_expert_intermediate_size"):
+                _mlp(out, m + "shared_expert.", hidden, hf["shared_expert_intermediate_size"])
+                _linear(out, m + "shared_expert_gate", 1, hidden)
+        else:
+            _mlp(out, m, hidden, hf["intermediate_size"], bool(hf.get("mlp_bias")))
+    out["model.norm.weight"] = (hidden,)
+    if not hf.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (hf["vocab_size"], hidden)
+    return out
+
+
+def _save_configs(cfg, path: Path) -> None:
+    """config.json and generation_config.json as a CausalLM's save_pretrained writes them."""
+    from transformers import GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+    cfg.save_pretrained(path)
+    GenerationConfig.from_model_config(cfg).save_pretrained(path)
+
+
+def write_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """`save_tiny` without torch: HF's config files and random float32 safetensors of HF's
+    tensor names and shapes (N(0, 0.2) matrices, N(0, 1) vectors, clipped to [-1, 1], as
+    `save_tiny` draws them with torch)."""
+    from safetensors.numpy import save_file
+
+    cfg = tiny_config(family, **overrides)
+    cfg.dtype = "float32"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _save_configs(cfg, path)
+    rng = np.random.default_rng(seed)
+    tensors = {name: np.clip(rng.normal(0.0, 0.2 if len(shape) > 1 else 1.0, shape), -1, 1).astype(np.float32)
+               for name, shape in hf_tensor_shapes(cfg.to_dict()).items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def save_copy(src: Path, dst: Path, *, dtype: str | None = None, max_shard_size: str | None = None) -> Path:
+    """`src` (a tiny checkpoint) saved again in `dtype` and/or in shards of at most
+    `max_shard_size` (with `model.safetensors.index.json`): HF's save_pretrained where torch
+    is installed, the same files written with numpy where it is not."""
+    if HAS_TORCH:
+        import torch
+
+        model = hf_model(src)
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype))
+        model.save_pretrained(dst, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+        return Path(dst)
+    return save_copy_without_torch(src, dst, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def save_copy_without_torch(src: Path, dst: Path, *, dtype: str | None = None,
+                            max_shard_size: str | None = None) -> Path:
+    """`save_copy` with numpy: config files with the new dtype, tensors cast, shards filled
+    in name order (HF's naming and index file)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoConfig
+
+    from jaxpar.checkpoint.export_hf import parse_size  # HF's size convention ("200KB" = 200e3)
+
+    cfg = AutoConfig.from_pretrained(src)
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    if dtype is not None:
+        np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+        tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+        cfg.dtype = dtype
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if (Path(src) / "generation_config.json").is_file():
+        shutil.copyfile(Path(src) / "generation_config.json", dst / "generation_config.json")
+    cfg.save_pretrained(dst)
+    limit = parse_size(max_shard_size) if max_shard_size else math.inf
+    shards: list[dict] = []
+    size = 0
+    for name in sorted(tensors):
+        if not shards or (size and size + tensors[name].nbytes > limit):
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += tensors[name].nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(dst / "model.safetensors"), metadata={"format": "pt"})
+        return dst
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+# --------------------------------------------------------------------------- the HF reference
+
+
 def hf_model(path: Path):
-    import torch
+    torch = require_torch()
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -71,7 +279,7 @@ def hf_model(path: Path):
 
 
 def hf_logits(path_or_model, ids: np.ndarray) -> np.ndarray:
-    import torch
+    torch = require_torch()
 
     model = hf_model(path_or_model) if isinstance(path_or_model, Path) else path_or_model
     with torch.no_grad():
@@ -79,7 +287,7 @@ def hf_logits(path_or_model, ids: np.ndarray) -> np.ndarray:
 
 
 def hf_greedy(path_or_model, ids: list[int], max_new_tokens: int) -> list[int]:
-    import torch
+    torch = require_torch()
 
     model = hf_model(path_or_model) if isinstance(path_or_model, Path) else path_or_model
     with torch.no_grad():

@@ -47,6 +47,7 @@ def hf_refs(hybrid_models):
     return {f: hf_models.hf_logits(p, IDS) for f, p in hybrid_models.items()}
 
 
+@hf_models.needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_logits_match_hf(family, loaded, hf_refs):
     ref = hf_refs[family]
@@ -88,9 +89,11 @@ def test_prefill_extend_and_decode_equal_full_forward(family, loaded):
     ids = np.random.default_rng(1).integers(3, 256, size=(2, 20)).astype(np.int32)
     full = model.logits(ids)
     stepped = _run_modes(model, ids, prompt_len=5, chunks=(4, 3))
-    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    # float32, chunked vs recurrent GDN: up to 1.2e-5 of the largest logit over random draws.
+    np.testing.assert_allclose(stepped, full, rtol=3e-5, atol=3e-5 * np.abs(full).max())
 
 
+@hf_models.needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_match_hf_generate(family, hybrid_models, loaded):
     prompt = IDS[0, :7].tolist()
@@ -176,7 +179,9 @@ def test_policies_match_one_device(family, policy, loaded):
     base = loaded(family)
     model = loaded(family, {**GDN_POLICIES, **EP_POLICIES}[policy])
     ref = base.logits(IDS)
-    np.testing.assert_allclose(model.logits(IDS), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # float32 partial sums in another order (experts / heads over ranks): 1.2e-5 of the largest
+    # logit seen for some random draws.
+    np.testing.assert_allclose(model.logits(IDS), ref, rtol=3e-5, atol=3e-5 * np.abs(ref).max())
     prompts = [IDS[0, :5].tolist(), IDS[1].tolist()]
     assert model.generate(prompts, 8, ignore_eos=True).token_ids == \
         base.generate(prompts, 8, ignore_eos=True).token_ids

@@ -20,6 +20,7 @@ from jaxpar.loading.sources import SafetensorsSource
 from jaxpar.models.moe import SparseMoE
 from jaxpar.sharding.resolve import build_sharding, plain_tp, resolve_plans
 from jaxpar.sharding.rules import RuleTableError, parse_rule_table, preset
+from tests import hf_models
 
 PREFIX = "model.layers.0.mlp."
 # 16 experts, top-4, expert ffn 16, shared expert ffn 24 (Qwen3-Next); other blocks sized so
@@ -43,31 +44,52 @@ CONFIGS = {family: _config(family) for family in ("qwen3_moe", "qwen3_next")}
 X_DECODE = X[:, :1]  # decode-like: N*k = 8
 
 
-def _hf_block(family: str, norm_topk_prob: bool):
-    import torch
+def _hf_config(family: str, norm_topk_prob: bool):
     import transformers
 
-    torch.manual_seed(0)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(norm_topk_prob=norm_topk_prob, **_COMMON)
+    return transformers.Qwen3NextConfig(norm_topk_prob=norm_topk_prob, shared_expert_intermediate_size=24,
+                                        layer_types=["full_attention"], **_COMMON)
+
+
+def _hf_block(family: str, norm_topk_prob: bool):
+    """(ModelConfig, HF block or None without torch, its weights in HF's fused layout:
+    experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I], gate, shared expert)."""
+    hf_cfg = _hf_config(family, norm_topk_prob)
+    cfg = config_from_hf_dict(hf_cfg.to_dict())
+    if not hf_models.HAS_TORCH:
+        return cfg, None, _random_fused_weights(hf_cfg.to_dict())
+    import torch
+
     if family == "qwen3_moe":
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
-
-        hf_cfg = transformers.Qwen3MoeConfig(norm_topk_prob=norm_topk_prob, **_COMMON)
     else:
         from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock as Block
-
-        hf_cfg = transformers.Qwen3NextConfig(norm_topk_prob=norm_topk_prob, shared_expert_intermediate_size=24,
-                                              layer_types=["full_attention"], **_COMMON)
+    torch.manual_seed(0)
     block = Block(hf_cfg).float().eval()
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.3)
-    return config_from_hf_dict(hf_cfg.to_dict()), block
+    return cfg, block, {k: v.detach().numpy().copy() for k, v in block.state_dict().items()}
 
 
-def _write(block, folder, fmt: str):
-    """HF block weights as `model.layers.0.mlp.*` tensors: HF's own fused layout
+def _random_fused_weights(hf_cfg: dict) -> dict[str, np.ndarray]:
+    """The block's tensors (names and shapes from tests/hf_models), N(0, 0.3), experts fused."""
+    rng = np.random.default_rng(0)
+    sd = {k[len(PREFIX):]: rng.normal(0.0, 0.3, shape).astype(np.float32)
+          for k, shape in hf_models.hf_tensor_shapes(hf_cfg).items() if k.startswith(PREFIX)}
+    n = hf_cfg.get("num_experts") or hf_cfg["num_local_experts"]
+    sd["experts.gate_up_proj"] = np.stack([np.concatenate([sd.pop(f"experts.{e}.gate_proj.weight"),
+                                                           sd.pop(f"experts.{e}.up_proj.weight")]) for e in range(n)])
+    sd["experts.down_proj"] = np.stack([sd.pop(f"experts.{e}.down_proj.weight") for e in range(n)])
+    return sd
+
+
+def _write(sd, folder, fmt: str):
+    """Block weights as `model.layers.0.mlp.*` tensors: HF's own fused layout
     (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]) or per-expert tensors."""
-    sd = {k: v.detach().numpy().copy() for k, v in block.state_dict().items()}
+    sd = dict(sd)
     if fmt == "per_expert":
         gate_up, down = sd.pop("experts.gate_up_proj"), sd.pop("experts.down_proj")
         ffn = down.shape[2]
@@ -118,13 +140,12 @@ def _close(got, want, rtol=1e-5):
 
 @pytest.fixture(scope="module")
 def moe_setups(tmp_path_factory):
-    """family -> (ModelConfig, HF block, {format: folder})."""
-    pytest.importorskip("torch", reason="the HF reference MoE blocks need torch (test-only reference)")
+    """family -> (ModelConfig, HF block (None without torch), {format: folder})."""
     out = {}
     for family, norm in (("qwen3_moe", False), ("qwen3_next", True)):
-        cfg, block = _hf_block(family, norm)
+        cfg, block, weights = _hf_block(family, norm)
         root = tmp_path_factory.mktemp(family)
-        out[family] = (cfg, block, {fmt: _write(block, root / fmt, fmt) for fmt in ("fused", "per_expert")})
+        out[family] = (cfg, block, {fmt: _write(weights, root / fmt, fmt) for fmt in ("fused", "per_expert")})
     return out
 
 
@@ -149,6 +170,7 @@ def one_device(moe_setups):
     return out
 
 
+@hf_models.needs_torch
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
 @pytest.mark.parametrize("fmt", ["fused", "per_expert"])
 def test_matches_hf_block(moe_setups, one_device, family, fmt):
@@ -159,6 +181,15 @@ def test_matches_hf_block(moe_setups, one_device, family, fmt):
     _close(one_device[family, fmt, "dense", "decode"], _hf_out(hf_block, X_DECODE))
 
 
+@hf_models.needs_torch
+def test_torch_free_block_weights_are_hf_shaped():
+    for family in ("qwen3_moe", "qwen3_next"):
+        hf_weights = {k: v.shape for k, v in _hf_block(family, True)[2].items()}
+        ours = _random_fused_weights(_hf_config(family, True).to_dict())
+        assert {k: v.shape for k, v in ours.items()} == hf_weights
+
+
+@hf_models.needs_torch
 def test_router_matches_hf(moe_setups):
     """Top-k ids and (renormalised) weights equal HF's router for both norm_topk_prob settings."""
     import torch

@@ -28,6 +28,7 @@ def _ids(seed, batch, length, vocab=256):
     return np.random.default_rng(seed).integers(3, vocab, size=(batch, length)).astype(np.int32)
 
 
+@hf_models.needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_logits_match_hf(family, tiny_models, loaded):
     ids = _ids(0, 2, 11)
@@ -73,6 +74,7 @@ def test_prefill_then_decode_equals_full_forward(family, loaded):
     np.testing.assert_allclose(stepped, full[:, 4:], rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
 
+@hf_models.needs_torch
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_match_hf_generate(family, tiny_models, loaded):
     prompt = _ids(2, 1, 7)[0].tolist()

@@ -19,6 +19,7 @@ import pytest
 
 import jaxpar
 from jaxpar.api import SMOLLM2_GGUF, smollm2_gguf_path
+from tests import hf_models
 
 PROMPT = "Once upon a time"
 PROMPT_IDS = [1, 403, 407, 261, 378]
@@ -114,6 +115,7 @@ def test_compilation_is_timed_apart_from_prefill_and_decode(stories, monkeypatch
     assert set(first.timings) >= {"compile_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"}
 
 
+@hf_models.needs_torch
 def test_stories_logits_match_hf(stories, stories_dir):
     import torch
     import transformers
@@ -157,6 +159,7 @@ def smol(smol_path):
 @pytest.fixture(scope="module")
 def hf_smol(smol_path):
     """HF's own reading of the same GGUF (it dequantises and un-permutes by itself)."""
+    hf_models.require_torch()
     if importlib.util.find_spec("accelerate") is None:
         pytest.skip("transformers needs the `accelerate` package to load a GGUF file "
                     "(pip install accelerate)")

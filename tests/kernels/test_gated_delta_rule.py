@@ -10,6 +10,7 @@ import pytest
 
 from jaxpar.kernels_pallas import gated_delta_rule as ref
 from jaxpar.kernels_pallas import gated_delta_rule_pallas as gdn_pallas
+from tests import hf_models
 
 RTOL, ATOL = 1e-4, 1e-5  # float32
 
@@ -27,19 +28,17 @@ def make_inputs(b, t, hk, hv, dk, dv, *, seed=0, dtype=np.float32):
     return dict(q=cast(q), k=cast(k), v=cast(v), g=jnp.asarray(g), beta=jnp.asarray(beta), s0=s0)
 
 
-def hf_module():
-    """transformers' Qwen3-Next modeling module (the torch reference), or skip without torch."""
-    pytest.importorskip("torch", reason="the Hugging Face reference needs torch")
-    from transformers.models.qwen3_next import modeling_qwen3_next
+def torch_and_hf():
+    """torch and transformers' Qwen3-Next module (the reference); a skip without torch."""
+    torch = hf_models.require_torch()
+    from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
-    return modeling_qwen3_next
+    return torch, hf
 
 
 def hf_reference(x, *, chunked: bool):
     """Runs transformers' torch_{chunk,recurrent}_gated_delta_rule on the same inputs."""
-    hf = hf_module()  # skips without torch
-    import torch
-
+    torch, hf = torch_and_hf()
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
     fn = hf.torch_chunk_gated_delta_rule if chunked else hf.torch_recurrent_gated_delta_rule
     o, s = fn(
