@@ -106,11 +106,9 @@ def test_greedy_tokens_match_hf_generate(family, hybrid_models, loaded):
 NO_EOS_PROMPT, NO_EOS_STEPS = [86, 228, 69, 60, 183, 160], 12
 
 
-def test_folder_without_tokenizer_generates_like_hf(hybrid_models, loaded, caplog):
+def test_folder_without_tokenizer_loads_without_one(hybrid_models, caplog):
     """A folder saved by save_pretrained (no tokenizer files) whose config has no EOS id
-    loads without a tokenizer and without stop ids, and generates what HF generates."""
-    import torch
-
+    loads without a tokenizer and without stop ids, says so, and refuses text prompts."""
     path = hybrid_models["qwen3_next"]
     assert not any(p.name.startswith("tokenizer") for p in path.iterdir())
     with caplog.at_level(logging.WARNING, logger="jaxpar"):
@@ -121,6 +119,13 @@ def test_folder_without_tokenizer_generates_like_hf(hybrid_models, loaded, caplo
     with pytest.raises(ValueError, match="loaded without a tokenizer: pass token ids"):
         bare.generate("hello", 4)
 
+
+@hf_models.needs_torch
+def test_folder_without_tokenizer_generates_like_hf(hybrid_models, loaded):
+    """Without stop ids the tokenizer-less folder generates what HF generates."""
+    import torch
+
+    path = hybrid_models["qwen3_next"]
     hf = hf_models.hf_model(path)
     with torch.no_grad():  # HF's own stopping rules: none apply to this folder
         ref = hf.generate(torch.tensor([NO_EOS_PROMPT]), max_new_tokens=NO_EOS_STEPS,
