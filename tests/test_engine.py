@@ -120,6 +120,8 @@ def test_pd_tp4_to_tpa1_dcp4(stories, stories_case, colocated_result):
     assert engine.mode == "disaggregated"
     result = engine.generate(prompts, budgets, ignore_eos=True)
     assert result.token_ids == reference
+    # Prefill on devices 0-3 ran while decode steps went on on devices 4-7.
+    assert engine.stats["overlapped_steps"] > 0
     # Chunked (16 tokens, two chunks for most prompts) equals unchunked (32: one chunk).
     assert result.token_ids == colocated_result.token_ids
     k = engine._scheduler.decode.cache.layers[0].k  # [slots, 64 tokens, 4 kv heads, 8]: tokens over 4 ranks
@@ -167,7 +169,12 @@ def test_two_process_pd(stories_dir, stories, stories_case, tmp_path):
                                str(tmp_path / "requests.json"), str(outs[i])],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:  # never leave a worker behind (one waits for the other forever)
+            if p.poll() is None:
+                p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     results = [json.loads(o.read_text()) for o in outs]
@@ -215,10 +222,11 @@ def test_no_recompilation_per_request(colocated, colocated_result, stories):
 
 
 def test_stream_and_text_match_static_generate(colocated, stories):
-    handle = colocated.submit("Once upon a time", 24)
+    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside."
+    handle = colocated.submit(prompt, LONGEST)
     deltas = list(handle)
     result = handle.result()
-    static = stories.generate("Once upon a time", 24)
+    static = stories.generate(prompt, LONGEST)
     assert result.token_ids == static.token_ids[0] and result.text == static.texts[0]
     assert "".join(d.text for d in deltas) == result.text
     assert [t for d in deltas for t in d.token_ids] == result.token_ids

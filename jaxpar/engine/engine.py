@@ -316,6 +316,12 @@ class Engine:
         """One round of the scheduler (dispatches, and reads back what finished)."""
         self._scheduler.step()
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Since the engine was built: prefill chunks, decode steps, and decode steps
+        dispatched while prefill was running on other devices."""
+        return dict(self._scheduler.stats)
+
     def has_unfinished(self) -> bool:
         return self._scheduler.has_work()
 

@@ -32,6 +32,7 @@ class Request:
     deltas: list = dataclasses.field(default_factory=list)  # (token ids, text) not yet streamed
     stream_callback: object = None
     message: int | None = None  # two-process prefill: the index of its payload message
+    first_token: int | None = None  # two-process prefill: the first token, once read
     remote: dict | None = None  # two-process decode: the prefill process's note
 
     @property

@@ -42,12 +42,18 @@ class Scheduler:
         self.stage_limit = stage_limit
         self.arriving: list[Request] = []  # sorted by arrival time
         self.waiting: collections.deque[Request] = collections.deque()
+        # Payloads extracted on the prefill devices, sent once computed (a copy to other
+        # devices waits for its source, and the host must not wait for prefill).
+        self.extracted: collections.deque = collections.deque()  # (request, payload)
         self.ready: collections.deque = collections.deque()  # (request, payload on decode devices)
         self.unread_first: list[Request] = []
         self.receives: collections.deque = collections.deque()  # posted receives (two-process decode)
         self.expected = 0  # payloads the decode process will receive in all
         self.by_index: dict[int, Request] = {}
         self.live: set[int] = set()
+        # Counters: prefill chunks, decode steps, and decode steps dispatched while a prefill
+        # chunk was still running on other devices (the PD overlap).
+        self.stats = {"prefill_chunks": 0, "decode_steps": 0, "overlapped_steps": 0}
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -62,7 +68,7 @@ class Scheduler:
     def has_work(self) -> bool:
         if isinstance(self.link, SendLink):  # the prefill process is done once all is sent
             return bool(self.arriving or self.waiting or (self.prefill and self.prefill.active)
-                        or self.unread_first)
+                        or self.extracted or self.unread_first)
         return bool(self.live)
 
     def _finish(self, req: Request) -> None:
@@ -90,10 +96,18 @@ class Scheduler:
         req.first = None
         token = int(np.asarray(array)[row])
         self._add_token(req, token, now() if t is None else t)
-        if isinstance(self.link, SendLink):  # tell the decode process what it is about to receive
-            self.link.note(req.message, {"request": req.index, "token": token,
-                                         "queued_s": req.prefill_start - req.arrival,
-                                         "ttft_s": req.first_token_time - req.arrival})
+        if isinstance(self.link, SendLink):
+            req.first_token = token
+            self._note(req)
+
+    def _note(self, req: Request) -> None:
+        """Two-process prefill: once a request's payload is sent and its first token read,
+        tells the decode process what it is about to receive."""
+        if req.message is None or req.first is not None:
+            return
+        self.link.note(req.message, {"request": req.index, "token": req.first_token,
+                                     "queued_s": req.prefill_start - req.arrival,
+                                     "ttft_s": req.first_token_time - req.arrival})
 
     # ------------------------------------------------------------------ one round
 
@@ -102,6 +116,7 @@ class Scheduler:
         while self.arriving and self.arriving[0].arrival <= t:
             self.waiting.append(self.arriving.pop(0))
         progressed = self._read_first(block=False)
+        progressed |= self._ship()
         progressed |= self._prefill(t)
         progressed |= self._receive()
         progressed |= self._insert()
@@ -113,22 +128,34 @@ class Scheduler:
         p = self.prefill
         if p is None:
             return False
-        staged = len(self.ready) + p.active
+        staged = len(self.ready) + len(self.extracted) + p.active
         limit = self.stage_limit + (self.decode.table.free_count() if self.decode is not None else 0)
         while self.waiting and p.has_free_row() and (isinstance(self.link, SendLink) or staged < limit):
             p.admit(self.waiting.popleft(), t)
             staged += 1
         if not p.active or not p.idle():
             return False
+        self.stats["prefill_chunks"] += 1
         for req, payload, first in p.dispatch():
             req.first = (first, req.prefill_row)
             req.first_before_step = self.decode.steps if self.decode is not None else 0
             self.unread_first.append(req)
+            self.extracted.append((req, payload))
+        return True
+
+    def _ship(self, block: bool = False) -> bool:
+        """Sends computed payloads towards decode, in order."""
+        progressed = False
+        while self.extracted and (block or self.extracted[0][1].token.is_ready()):
+            req, payload = self.extracted.popleft()
             if isinstance(self.link, SendLink):
                 req.message = self.link.send(payload)
-            else:
+                self._note(req)
+            elif not req.done:
                 self.ready.append((req, self.link.send(payload)))
-        return True
+            progressed = True
+            block = False
+        return progressed
 
     def _receive(self) -> bool:
         if not isinstance(self.link, ReceiveLink):
@@ -176,6 +203,9 @@ class Scheduler:
         if d.busy:
             d.dispatch()
             dispatched = True
+            self.stats["decode_steps"] += 1
+            if not self.shared_devices and self.prefill is not None and not self.prefill.idle():
+                self.stats["overlapped_steps"] += 1
         # Keep one step in flight: read the older one (or the last one when nothing is busy).
         if len(d.pending) > 1 or (d.pending and not dispatched):
             if self.shared_devices:
@@ -198,7 +228,9 @@ class Scheduler:
         """Nothing could be dispatched: block on whatever finishes next."""
         if self.unread_first and self._read_first(block=False):
             return
-        if self.prefill is not None and self.prefill.active and not self.prefill.idle():
+        if self.extracted:
+            self._ship(block=True)
+        elif self.prefill is not None and self.prefill.active and not self.prefill.idle():
             self.prefill.wait()
         elif self.receives:
             self.receives[0][0].token.block_until_ready()
