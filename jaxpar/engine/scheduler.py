@@ -20,17 +20,20 @@ the decode process posts a receive per note, in the same order, and does 3-4.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import time
 
 import numpy as np
 
 from jaxpar.engine.requests import Request, now
-from jaxpar.engine.transfer import LocalLink, ReceiveLink, SendLink
+from jaxpar.engine.transfer import ReceiveLink, SendLink
 from jaxpar.engine.workers import DecodeWorker, PrefillWorker
 
 
 class Scheduler:
+    """Host-side state of every request, and one round of dispatching at a time."""
+
     def __init__(self, prefill: PrefillWorker | None, decode: DecodeWorker | None, link,
                  *, stage_limit: int, shared_devices: bool):
         self.prefill = prefill
@@ -60,8 +63,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.by_index[req.index] = req
         self.live.add(req.index)
-        self.arriving.append(req)
-        self.arriving.sort(key=lambda r: r.arrival)
+        bisect.insort(self.arriving, req, key=lambda r: r.arrival)
         if isinstance(self.link, ReceiveLink):
             self.expected += 1
 
@@ -239,7 +241,5 @@ class Scheduler:
         elif self.arriving and not self.waiting:
             time.sleep(max(0.0, min(self.arriving[0].arrival - now(), 0.05)))
         elif isinstance(self.link, ReceiveLink) and self.live and not self.decode.busy:
-            time.sleep(0.001)  # waiting for the prefill process
+            time.sleep(0.002)  # waiting for the prefill process's next note
 
-
-__all__ = ["Scheduler", "LocalLink", "SendLink", "ReceiveLink"]
