@@ -15,15 +15,18 @@ so every request produces exactly its output length). Three systems serve it:
             (`--prefill-policy`) and decode on the second half (`--decode-policy`).
 
 Per system: throughput (output tokens / time from the first arrival to the last token),
-TTFT (arrival to first token on the host), TPOT (time per output token after the first)
-and latency, p50 / p99 over requests. Each system serves the trace once untimed (to
+TTFT (arrival to first token on the host), TPOT (a request's mean time per output token
+after the first) and latency, p50 / p99 over requests, and ITL (the gaps between
+consecutive tokens of a request, p50 / p99 over all gaps; static batching returns a
+batch's tokens together, so its ITL is its step time). Each system serves each trace once untimed (to
 compile) and once timed; programs compiled during the timed pass are counted and
-reported. The model is a Llama with random weights (`--hidden`, `--layers`, ...) unless
+reported. A low rate shows latency under light load; a rate above what the systems can
+serve shows their capacity (throughput is then bounded by the system, not the arrivals). The model is a Llama with random weights (`--hidden`, `--layers`, ...) unless
 `--model PATH` is given: speed does not depend on the weights' values.
 
 Usage (from the repository root):
-    python scripts/bench_engine.py                        # 8 CPU devices, 32 requests
-    python scripts/bench_engine.py --requests 16 --rate 2 --systems engine,pd
+    python scripts/bench_engine.py                        # 8 CPU devices, 32 requests, 2 and 8 req/s
+    python scripts/bench_engine.py --requests 16 --rate 4 --systems engine,pd
 Writes results/bench_engine.json and results/bench_engine.png.
 """
 
@@ -55,12 +58,13 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=8, help="CPU devices (read before JAX starts)")
     p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
+    p.add_argument("--rate", type=float, nargs="+", default=[2.0, 8.0],
+                   help="Poisson arrivals per second; each rate is a trace served by every system")
     p.add_argument("--prompt-range", type=int, nargs=2, default=(32, 512))
     p.add_argument("--output-range", type=int, nargs=2, default=(16, 128))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slots", type=int, default=8, help="decode slots (and the static batch size)")
-    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--model", default=None, help="an HF folder / GGUF (default: a random-weight Llama)")
     p.add_argument("--hidden", type=int, default=256)
@@ -106,9 +110,10 @@ def random_llama(args, devices):
     return LoadedModel(nnx.merge(graphdef, state), None, np.float32, set())
 
 
-def make_trace(args, vocab):
+def make_trace(args, vocab, rate):
+    """The same prompts and output lengths at every rate (one seed); arrivals scale with 1/rate."""
     rng = np.random.default_rng(args.seed)
-    gaps = rng.exponential(1.0 / args.rate, size=args.requests)
+    gaps = rng.exponential(1.0 / rate, size=args.requests)
     arrivals = np.cumsum(gaps) - gaps[0]
     lo, hi = args.prompt_range
     prompts = [rng.integers(3, vocab, size=int(n)).tolist() for n in rng.integers(lo, hi + 1, size=args.requests)]
@@ -120,10 +125,11 @@ def pct(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def summary(ttft, tpot, latency, tokens, makespan_s, compiles):
+def summary(ttft, tpot, itl, latency, tokens, makespan_s, compiles):
     return {"throughput_tok_s": tokens / makespan_s, "makespan_s": makespan_s, "output_tokens": tokens,
             "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
             "tpot_ms_p50": pct(tpot, 50), "tpot_ms_p99": pct(tpot, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
             "latency_ms_p50": pct(latency, 50), "latency_ms_p99": pct(latency, 99),
             "compiles_while_timed": compiles}
 
@@ -132,7 +138,7 @@ def run_static(model, trace, slots):
     """Batches of whatever has arrived, padded to `slots` rows, each run to its longest request."""
     arrivals, prompts, outputs = trace
     order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
-    ttft, tpot, latency = [], [], []
+    ttft, tpot, itl, latency = [], [], [], []
     start = time.perf_counter()
     last = start
     while order:
@@ -150,8 +156,9 @@ def run_static(model, trace, slots):
         for i in batch:
             ttft.append((t0 - start + result.prefill_ms / 1e3 - arrivals[i]) * 1e3)
             tpot.append(step_ms)
+            itl.extend([step_ms] * (outputs[i] - 1))
             latency.append((last - start - arrivals[i]) * 1e3)
-    return ttft, tpot, latency, sum(outputs), last - start
+    return ttft, tpot, itl, latency, sum(outputs), last - start
 
 
 def run_engine(engine, trace):
@@ -159,7 +166,8 @@ def run_engine(engine, trace):
     result = engine.generate(prompts, outputs, ignore_eos=True, arrival_times=arrivals)
     assert [len(t) for t in result.token_ids] == outputs
     tpot = [o.tpot_ms for o in result if len(o.token_ids) > 1]
-    return ([o.ttft_ms for o in result], tpot, [o.latency_ms for o in result], sum(outputs),
+    itl = [b - a for o in result for a, b in zip(o.token_times_ms, o.token_times_ms[1:])]
+    return ([o.ttft_ms for o in result], tpot, itl, [o.latency_ms for o in result], sum(outputs),
             result.wall_ms / 1e3)
 
 
@@ -182,23 +190,48 @@ def plot(path, results):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    names = list(results)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    axes[0].bar(names, [results[n]["throughput_tok_s"] for n in names], color="tab:blue")
-    axes[0].set_title("throughput (output tokens / s)")
-    for ax, metric in zip(axes[1:], ("ttft", "tpot")):
+    rates = list(results)
+    fig, axes = plt.subplots(len(rates), 4, figsize=(17, 3.6 * len(rates)), squeeze=False)
+    for row, rate in zip(axes, rates):
+        names = list(results[rate])
         x = np.arange(len(names))
-        ax.bar(x - 0.2, [results[n][f"{metric}_ms_p50"] for n in names], 0.4, label="p50")
-        ax.bar(x + 0.2, [results[n][f"{metric}_ms_p99"] for n in names], 0.4, label="p99")
-        ax.set_xticks(x, names)
-        ax.set_yscale("log")
-        ax.set_title(f"{metric.upper()} (ms)")
-        ax.legend()
-    fig.suptitle("static batching vs engine vs prefill/decode disaggregation (same trace)")
+        row[0].bar(names, [results[rate][n]["throughput_tok_s"] for n in names], color="tab:blue")
+        row[0].set_title(f"{rate} req/s: throughput (output tok/s)")
+        for ax, metric in zip(row[1:], ("ttft", "tpot", "itl")):
+            ax.bar(x - 0.2, [results[rate][n][f"{metric}_ms_p50"] for n in names], 0.4, label="p50")
+            ax.bar(x + 0.2, [results[rate][n][f"{metric}_ms_p99"] for n in names], 0.4, label="p99")
+            ax.set_xticks(x, names)
+            ax.set_yscale("log")
+            ax.set_title(f"{rate} req/s: {metric.upper()} (ms)")
+            ax.legend()
+    fig.suptitle("static batching vs engine vs prefill/decode disaggregation (same traces)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def build_systems(args, model, devices):
+    """name -> serve(trace); engines are built (and compiled) once, for every rate."""
+    import jaxpar
+
+    half = len(devices) // 2
+    max_len = args.prompt_range[1] + args.output_range[1]
+    systems = {}
+    for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
+        if name == "static":
+            systems[name] = lambda trace: run_static(model, trace, args.slots)
+        elif name == "engine":
+            engine = jaxpar.Engine(model, max_slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk)
+            systems[name] = lambda trace, engine=engine: run_engine(engine, trace)
+        elif name == "pd":
+            engine = jaxpar.Engine(model, max_slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk,
+                                   prefill_policy=args.prefill_policy, prefill_devices=devices[:half],
+                                   decode_policy=args.decode_policy, decode_devices=devices[half:])
+            systems[name] = lambda trace, engine=engine: run_engine(engine, trace)
+        else:
+            raise SystemExit(f"unknown system {name!r} (choose from {', '.join(SYSTEMS)})")
+    return systems
 
 
 def main():
@@ -206,59 +239,43 @@ def main():
     import jaxpar
 
     devices = jax.devices()
-    half = len(devices) // 2
     if args.model:
         model = jaxpar.load(args.model, policy=args.colocated_policy or "tp", devices=devices,
                             progress=False, tokenizer=False)
     else:
         model = random_llama(args, devices)
-    trace = make_trace(args, model.cfg.vocab_size)
-    max_len = args.prompt_range[1] + args.output_range[1]
+    systems = build_systems(args, model, devices)
     counter = CompileCounter()
-    results = {}
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    for name in systems:
-        if name == "static":
-            def serve():
-                return run_static(model, trace, args.slots)
-        else:
-            if name == "engine":
-                engine = jaxpar.Engine(model, max_slots=args.slots, max_len=max_len,
-                                       prefill_chunk=args.prefill_chunk)
-            elif name == "pd":
-                engine = jaxpar.Engine(model, max_slots=args.slots, max_len=max_len,
-                                       prefill_chunk=args.prefill_chunk,
-                                       prefill_policy=args.prefill_policy, prefill_devices=devices[:half],
-                                       decode_policy=args.decode_policy, decode_devices=devices[half:])
-            else:
-                raise SystemExit(f"unknown system {name!r} (choose from {', '.join(SYSTEMS)})")
-
-            def serve(engine=engine):
-                return run_engine(engine, trace)
-        t = time.perf_counter()
-        serve()  # compiles
-        warm = time.perf_counter() - t
-        before = counter.count
-        ttft, tpot, latency, tokens, makespan = serve()
-        results[name] = summary(ttft, tpot, latency, tokens, makespan, counter.count - before)
-        results[name]["warmup_s"] = warm
-        r = results[name]
-        print(f"{name:7s} {r['throughput_tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:8.1f} p99 "
-              f"{r['ttft_ms_p99']:8.1f} ms  TPOT p50 {r['tpot_ms_p50']:7.2f} p99 {r['tpot_ms_p99']:7.2f} ms  "
-              f"latency p50 {r['latency_ms_p50']:8.1f} ms  (compiles while timed: {r['compiles_while_timed']})",
-              flush=True)
-    if "static" in results and "engine" in results:
-        print(f"engine / static throughput: {results['engine']['throughput_tok_s'] / results['static']['throughput_tok_s']:.2f}x")
-    if "pd" in results and "engine" in results:
-        print(f"TPOT p99 pd / engine: {results['pd']['tpot_ms_p99'] / results['engine']['tpot_ms_p99']:.2f}x")
+    results, traces = {}, {}
+    for rate in args.rate:
+        trace = make_trace(args, model.cfg.vocab_size, rate)
+        traces[str(rate)] = {"arrivals_s": trace[0], "prompt_lengths": [len(p) for p in trace[1]],
+                             "output_lengths": trace[2]}
+        results[str(rate)] = per_rate = {}
+        print(f"rate {rate}/s: {len(trace[1])} requests over {trace[0][-1]:.1f} s, "
+              f"{sum(len(p) for p in trace[1])} prompt and {sum(trace[2])} output tokens", flush=True)
+        for name, serve in systems.items():
+            t = time.perf_counter()
+            serve(trace)  # untimed: compiles what this trace needs
+            warm = time.perf_counter() - t
+            before = counter.count
+            ttft, tpot, itl, latency, tokens, makespan = serve(trace)
+            per_rate[name] = r = summary(ttft, tpot, itl, latency, tokens, makespan, counter.count - before)
+            r["warmup_s"] = warm
+            print(f"  {name:7s} {r['throughput_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:8.1f} p99 "
+                  f"{r['ttft_ms_p99']:8.1f} ms  TPOT p50 {r['tpot_ms_p50']:6.1f} p99 {r['tpot_ms_p99']:6.1f} ms  "
+                  f"ITL p99 {r['itl_ms_p99']:6.1f} ms  latency p50 {r['latency_ms_p50']:8.1f} ms  "
+                  f"(compiles while timed: {r['compiles_while_timed']})", flush=True)
+        if "static" in per_rate and "engine" in per_rate:
+            print(f"  engine / static throughput: "
+                  f"{per_rate['engine']['throughput_tok_s'] / per_rate['static']['throughput_tok_s']:.2f}x")
+        if "pd" in per_rate and "engine" in per_rate:
+            print(f"  TPOT p99 pd / engine: {per_rate['pd']['tpot_ms_p99'] / per_rate['engine']['tpot_ms_p99']:.2f}x")
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     config["model_config"] = {"hidden": model.cfg.hidden_size, "layers": model.cfg.num_layers,
                               "heads": model.cfg.num_heads, "kv_heads": model.cfg.num_kv_heads,
                               "vocab": model.cfg.vocab_size}
-    out = write_json(args.out, {"config": config, "trace": {"arrivals_s": trace[0],
-                                                            "prompt_lengths": [len(p) for p in trace[1]],
-                                                            "output_lengths": trace[2]},
-                                "systems": results})
+    out = write_json(args.out, {"config": config, "traces": traces, "results": results})
     print(f"wrote {out}")
     plot(args.plot, results)
 

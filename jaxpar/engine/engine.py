@@ -369,7 +369,8 @@ class Engine:
         process sends its part, and both return the same results."""
         if self.role == "decode":
             mine = [{"token_ids": r.output.token_ids, "tpot_ms": r.result().tpot_ms,
-                     "latency_ms": (r.finish_time - r.arrival) * 1e3} for r in reqs]
+                     "latency_ms": (r.finish_time - r.arrival) * 1e3,
+                     "token_times_ms": r.result().token_times_ms} for r in reqs]
             message = {"requests": mine, "wall_ms": (max(r.finish_time for r in reqs) - start) * 1e3,
                        "steps": steps}
             self._channel.put(name, message)
@@ -389,7 +390,7 @@ class Engine:
             outputs.append(RequestOutput(index=r.index, text=out.final_text(), token_ids=list(out.token_ids),
                                          prompt_token_ids=list(r.prompt), finish_reason=out.finish_reason,
                                          ttft_ms=ttft, tpot_ms=d["tpot_ms"], queued_ms=queued,
-                                         latency_ms=d["latency_ms"]))
+                                         latency_ms=d["latency_ms"], token_times_ms=d["token_times_ms"]))
         return outputs, message["wall_ms"], message["steps"]
 
 

@@ -30,6 +30,7 @@ class Request:
     first: tuple | None = None  # (device array, row) holding the first token, until read
     first_before_step: int = 0  # decode steps dispatched before its last prefill chunk
     deltas: list = dataclasses.field(default_factory=list)  # (token ids, text) not yet streamed
+    token_times: list = dataclasses.field(default_factory=list)  # when each token reached the host
     stream_callback: object = None
     message: int | None = None  # two-process prefill: the index of its payload message
     first_token: int | None = None  # two-process prefill: the first token, once read
@@ -54,6 +55,7 @@ class Request:
     def add_token(self, token: int, now: float) -> None:
         if self.first_token_time is None:
             self.first_token_time = now
+        self.token_times.append(now)
         delta = self.output.add(token)
         self.deltas.append(([int(token)], delta))
         if self.stream_callback is not None and delta:
@@ -70,7 +72,8 @@ class Request:
                              prompt_token_ids=list(self.prompt), finish_reason=out.finish_reason,
                              ttft_ms=ttft, tpot_ms=tpot,
                              queued_ms=(self.prefill_start - self.arrival) * 1e3,
-                             latency_ms=(self.finish_time - self.arrival) * 1e3)
+                             latency_ms=(self.finish_time - self.arrival) * 1e3,
+                             token_times_ms=[(t - self.arrival) * 1e3 for t in self.token_times])
 
 
 @dataclasses.dataclass
@@ -78,7 +81,8 @@ class RequestOutput:
     """One request's result: what `GenerationResult` holds per row, plus its timings.
 
     ttft_ms: arrival to first token on the host; tpot_ms: mean time per output token
-    after the first; queued_ms: arrival to the start of its prefill.
+    after the first; queued_ms: arrival to the start of its prefill; token_times_ms: when
+    each token reached the host, from arrival (their gaps are the inter-token latencies).
     """
 
     index: int
@@ -90,6 +94,7 @@ class RequestOutput:
     tpot_ms: float
     queued_ms: float
     latency_ms: float
+    token_times_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -4,9 +4,10 @@ Every call of `Scheduler.step` does a little of each and never blocks while ther
 something else to dispatch:
 
 1. requests whose arrival time has come wait, first come first served, for a prefill row;
-2. one chunk is dispatched for every prefill row once the previous chunk has finished
-   (on shared devices this alternates chunks with decode steps, so a long prompt stalls
-   decoding by at most one chunk; on separate prefill devices chunks run alongside decode);
+2. one chunk (advancing every busy prefill row) is dispatched per round: on shared devices
+   chunks and decode steps alternate, so a long prompt delays decoding by one chunk per
+   step at most; on separate prefill devices a chunk starts once the previous one is done
+   and runs alongside decode;
 3. a finished prompt's payload is copied to the decode layout (asynchronously) and
    inserted into a free slot as soon as there is one;
 4. a decode step is dispatched for all slots, and the step before it is read back, so the
@@ -135,7 +136,9 @@ class Scheduler:
         while self.waiting and p.has_free_row() and (isinstance(self.link, SendLink) or staged < limit):
             p.admit(self.waiting.popleft(), t)
             staged += 1
-        if not p.active or not p.idle():
+        # On shared devices one chunk goes between two decode steps (the device runs them in
+        # dispatch order); on its own devices prefill starts a chunk when the last is done.
+        if not p.active or (not self.shared_devices and not p.idle()):
             return False
         self.stats["prefill_chunks"] += 1
         for req, payload, first in p.dispatch():
