@@ -33,7 +33,6 @@ Writes results/bench_engine.json and results/bench_engine.png.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxpar.assembly import make_sharding
 from jaxpar.engine.errors import EngineError
-from jaxpar.engine.placement import Stage, place
+from jaxpar.engine.placement import Stage, bytes_per_device, place
 from jaxpar.engine.programs import DecodePrograms, PrefillPrograms
 from jaxpar.engine.requests import EngineResult, Request, RequestHandle, now
 from jaxpar.engine.scheduler import Scheduler
@@ -176,8 +176,8 @@ class Engine:
         decode_mesh = decode_sharding.mesh
         self.decode_stage = self.prefill_stage = None
         if self.role in ("local", "decode"):
+            _check_memory(decode_shapes, decode_sharding, max_slots, self.cache_len)
             self.decode_stage = Stage(place(loaded.module, decode_sharding, self.dtype), self.dtype)
-            _check_memory(self.decode_stage, max_slots, self.cache_len, decode_sharding)
         if self.role in ("local", "prefill"):
             if prefill_sharding is decode_sharding and self.decode_stage is not None:
                 self.prefill_stage = self.decode_stage
@@ -224,7 +224,7 @@ class Engine:
         process's part of a two-process engine)."""
         if self.role != "local":
             return self.role
-        return "colocated" if self.prefill_stage is self.decode_stage else "disaggregated"
+        return "colocated" if self._scheduler.shared_devices else "disaggregated"
 
     def _encode(self, prompt: Prompt, chat: bool) -> list[int]:
         if self.tokenizer is None and not (isinstance(prompt, (list, tuple)) and
@@ -394,9 +394,10 @@ class Engine:
         return outputs, message["wall_ms"], message["steps"]
 
 
-def _check_memory(stage: Stage, slots: int, length: int, sharding: ModelSharding) -> None:
-    """Refuses a decode cache larger than a device's free memory (where the backend says)."""
-    need = stage.bytes_per_device(slots, length)
+def _check_memory(shapes, sharding: ModelSharding, slots: int, length: int) -> None:
+    """Refuses a decode cache larger than a device's free memory (where the backend says),
+    before anything is allocated."""
+    need = bytes_per_device(shapes)
     for device in sharding.mesh.devices.flat:
         try:
             stats = device.memory_stats()

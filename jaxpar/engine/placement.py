@@ -69,14 +69,14 @@ class Stage:
     def cache_shapes(self, rows: int, length: int) -> Cache:
         return cache_shapes(self.cfg, self.sharding, rows, length, self.dtype)
 
-    def bytes_per_device(self, rows: int, length: int) -> int:
-        """The largest per-device footprint of a cache of `rows` x `length`."""
-        per_device: dict = {}
-        for leaf in jax.tree.leaves(self.cache_shapes(rows, length)):
-            shard = leaf.sharding.shard_shape(leaf.shape)
-            nbytes = leaf.dtype.itemsize
-            for n in shard:
-                nbytes *= n
-            for d in leaf.sharding.device_set:
-                per_device[d] = per_device.get(d, 0) + nbytes
-        return max(per_device.values())
+
+def bytes_per_device(shapes: Cache) -> int:
+    """The largest per-device footprint of a cache given as ShapeDtypeStructs with shardings."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(shapes):
+        nbytes = leaf.dtype.itemsize
+        for n in leaf.sharding.shard_shape(leaf.shape):
+            nbytes *= n
+        for d in leaf.sharding.device_set:
+            per_device[d] = per_device.get(d, 0) + nbytes
+    return max(per_device.values())
