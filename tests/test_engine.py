@@ -80,16 +80,9 @@ def test_continuous_batching_equals_alone_stories(colocated, colocated_result, s
     assert colocated_result.decode_steps < sum(budgets)
 
 
-@pytest.fixture(scope="module")
-def torch_models(request):
-    pytest.importorskip("torch", reason="the tiny llama / qwen3 / qwen3.5 checkpoints are made by "
-                        "transformers' PyTorch models")
-    return request.getfixturevalue("tiny_models")
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_continuous_batching_equals_alone_tiny(family, torch_models):
-    model = jaxpar.load(torch_models[family], tokenizer=False, progress=False)
+def test_continuous_batching_equals_alone_tiny(family, tiny_models):
+    model = jaxpar.load(tiny_models[family], tokenizer=False, progress=False)
     prompts, budgets = _requests(model.cfg.vocab_size, seed=1)
     engine = jaxpar.Engine(model, max_slots=4, max_len=64, prefill_chunk=16)
     assert engine.generate(prompts, budgets, ignore_eos=True).token_ids == _alone(model, prompts, budgets)
@@ -99,7 +92,6 @@ def test_hybrid_pd_gdn_replicated_to_split(tmp_path_factory):
     """Qwen3.5 (3 GDN : 1 gated attention): prefill with GDN replicated on devices 0-3,
     decode with GDN split by key-head groups on devices 4-7; chunked prefill carries the
     conv and recurrent states across chunks, and the transfer splits them."""
-    pytest.importorskip("torch", reason="the tiny Qwen3.5 checkpoint is made by transformers' PyTorch model")
     path = hf_models.save_tiny("qwen3_5", tmp_path_factory.mktemp("engine") / "qwen3_5")
     model = jaxpar.load(path, tokenizer=False, progress=False)
     replicated_gdn = {"axes": {"tp": 4}, "rules": [{"match": {"kind": "linear_attention"}, "plan": {"tp_size": 1}}]}
