@@ -160,9 +160,12 @@ def run_static(model, trace, slots):
     return ttft, tpot, itl, latency, sum(outputs), last - start
 
 
-def run_engine(engine, trace):
+def run_engine(engine, trace, stats_out=None):
     arrivals, prompts, outputs = trace
+    before = engine.stats
     result = engine.generate(prompts, outputs, ignore_eos=True, arrival_times=arrivals)
+    if stats_out is not None:  # prefill chunks, decode steps, steps overlapping a chunk (PD)
+        stats_out.update({k: v - before[k] for k, v in engine.stats.items()})
     assert [len(t) for t in result.token_ids] == outputs
     tpot = [o.tpot_ms for o in result if len(o.token_ids) > 1]
     itl = [b - a for o in result for a, b in zip(o.token_times_ms, o.token_times_ms[1:])]
@@ -219,15 +222,15 @@ def build_systems(args, model, devices):
     systems = {}
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
         if name == "static":
-            systems[name] = lambda trace: run_static(model, trace, args.slots)
+            systems[name] = lambda trace, stats=None: run_static(model, trace, args.slots)
         elif name == "engine":
             engine = jaxpar.Engine(model, max_slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk)
-            systems[name] = lambda trace, engine=engine: run_engine(engine, trace)
+            systems[name] = lambda trace, stats=None, engine=engine: run_engine(engine, trace, stats)
         elif name == "pd":
             engine = jaxpar.Engine(model, max_slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk,
                                    prefill_policy=args.prefill_policy, prefill_devices=devices[:half],
                                    decode_policy=args.decode_policy, decode_devices=devices[half:])
-            systems[name] = lambda trace, engine=engine: run_engine(engine, trace)
+            systems[name] = lambda trace, stats=None, engine=engine: run_engine(engine, trace, stats)
         else:
             raise SystemExit(f"unknown system {name!r} (choose from {', '.join(SYSTEMS)})")
     return systems
@@ -258,9 +261,12 @@ def main():
             serve(trace)  # untimed: compiles what this trace needs
             warm = time.perf_counter() - t
             before = counter.count
-            ttft, tpot, itl, latency, tokens, makespan = serve(trace)
+            stats = {}
+            ttft, tpot, itl, latency, tokens, makespan = serve(trace, stats)
             per_rate[name] = r = summary(ttft, tpot, itl, latency, tokens, makespan, counter.count - before)
             r["warmup_s"] = warm
+            if stats:
+                r["engine_stats"] = stats
             print(f"  {name:7s} {r['throughput_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:8.1f} p99 "
                   f"{r['ttft_ms_p99']:8.1f} ms  TPOT p50 {r['tpot_ms_p50']:6.1f} p99 {r['tpot_ms_p99']:6.1f} ms  "
                   f"ITL p99 {r['itl_ms_p99']:6.1f} ms  latency p50 {r['latency_ms_p50']:8.1f} ms  "

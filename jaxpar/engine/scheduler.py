@@ -206,11 +206,11 @@ class Scheduler:
             return False
         dispatched = False
         if d.busy:
+            if not self.shared_devices and self.prefill is not None and not self.prefill.idle():
+                self.stats["overlapped_steps"] += 1
             d.dispatch()
             dispatched = True
             self.stats["decode_steps"] += 1
-            if not self.shared_devices and self.prefill is not None and not self.prefill.idle():
-                self.stats["overlapped_steps"] += 1
         # Keep one step in flight: read the older one (or the last one when nothing is busy).
         if len(d.pending) > 1 or (d.pending and not dispatched):
             if self.shared_devices:
