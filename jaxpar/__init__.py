@@ -4,11 +4,11 @@ Modules are layered top to bottom (docs/ARCHITECTURE.md): cli -> api -> generate
 checkpoint, sharding.inspect -> assembly -> models -> sharding -> loading -> config.
 """
 
-from jaxpar.api import DEFAULT_MODEL, LoadedModel, generate, load
+from jaxpar.api import DEFAULT_MODEL, Engine, LoadedModel, generate, load
 from jaxpar.config import ConfigError, ModelConfig, load_config
 from jaxpar.generate import GenerationResult
 from jaxpar.loading.sources import CheckpointError
 from jaxpar.version import __version__
 
-__all__ = ["load", "generate", "LoadedModel", "GenerationResult", "ModelConfig", "load_config",
+__all__ = ["load", "generate", "Engine", "LoadedModel", "GenerationResult", "ModelConfig", "load_config",
            "ConfigError", "CheckpointError", "DEFAULT_MODEL", "__version__"]

@@ -20,6 +20,7 @@ from jaxpar.assembly import (ALIASES, DEFAULT_MODEL, DTYPES, SMOLLM2_GGUF, SMOLL
                              Policy, abstract_model, make_sharding, open_checkpoint, open_config,
                              resolve_dtype, resolve_path, smollm2_gguf_path)
 from jaxpar.config import ModelConfig
+from jaxpar.engine import Engine as _Engine
 from jaxpar.generate import GenerationResult, Generator
 from jaxpar.loading.sources import CheckpointError
 from jaxpar.models.decoder import CausalLM
@@ -174,7 +175,17 @@ def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_
                           **{k: v for k, v in kwargs.items() if k not in load_keys})
 
 
-__all__ = ["load", "generate", "open_tokenizer", "LoadedModel", "CheckpointError", "DEFAULT_MODEL",
+class Engine(_Engine):
+    """`jaxpar.Engine(model_path_or_loaded, ...)`: the serving engine
+    (`jaxpar.engine.Engine`), loading a path with `jaxpar.load` (the stage this process
+    runs gets its policy and devices; the other stage's copy is placed from it)."""
+
+    def __init__(self, model, **kwargs):
+        kwargs.setdefault("load", load)
+        super().__init__(model, **kwargs)
+
+
+__all__ = ["load", "generate", "open_tokenizer", "LoadedModel", "Engine", "CheckpointError", "DEFAULT_MODEL",
            # from jaxpar.assembly, importable from here as before
            "ALIASES", "DTYPES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL", "Policy", "make_sharding",
            "open_config", "resolve_dtype", "smollm2_gguf_path"]

@@ -16,6 +16,7 @@ from jaxpar.models.cache import Cache
 from jaxpar.models.decoder import CausalLM, cache_shapes, init_cache
 from jaxpar.sampling import SamplingParams, sample
 from jaxpar.sharding.host import replicated, to_host
+from jaxpar.stopping import SequenceOutput
 
 MIN_BUCKET = 16
 
@@ -247,30 +248,17 @@ class Generator:
         first = to_host(next_tok)
         t1 = time.perf_counter()
 
-        out: list[list[int]] = [[] for _ in range(batch)]
-        texts = [""] * batch
-        done = [False] * batch
-        reasons = ["length"] * batch
+        # As HF generate and vLLM: a stop id ends the row and stays in its token ids, but
+        # not in its text (jaxpar.stopping, shared with the engine).
+        seqs = [SequenceOutput(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop_strings=stop_strings,
+                               detokenize=detokenize, track_text=stream is not None)
+                for _ in range(batch)]
         steps = 0
 
         def accept(row: int, tok: int) -> None:
-            # As HF generate and vLLM: an EOS token ends the row and stays in its token
-            # ids, but not in its text.
-            out[row].append(tok)
-            if tok in stop_ids:
-                done[row], reasons[row] = True, "stop"
-            elif detokenize is not None and (stop_strings or stream):
-                text = detokenize(out[row])
-                for s in stop_strings:
-                    cut = text.find(s)
-                    if cut >= 0:
-                        text = text[:cut]
-                        done[row], reasons[row] = True, "stop"
-                if stream and len(text) > len(texts[row]) and text.startswith(texts[row]):
-                    stream(row, text[len(texts[row]):])
-                texts[row] = text
-            if not done[row] and len(out[row]) >= max_new_tokens:
-                done[row] = True
+            delta = seqs[row].add(tok)
+            if stream and delta:
+                stream(row, delta)
 
         for row in range(batch):
             accept(row, int(first[row]))
@@ -278,21 +266,20 @@ class Generator:
         # (reading, stop checks, detokenising, the next dispatch) overlaps the device's.
         # Only an EOS or a stop string can make that step unneeded; it is then dropped.
         current, ahead = next_tok, None
-        while not all(done):
+        while not all(q.done for q in seqs):
             steps += 1
             if ahead is None:
                 ahead, cache = decode(current, cache, steps)
             current, ahead = ahead, None
-            if max(len(out[r]) for r in range(batch) if not done[r]) + 1 < max_new_tokens:
+            if max(len(q.token_ids) for q in seqs if not q.done) + 1 < max_new_tokens:
                 ahead, cache = decode(current, cache, steps + 1)
             host = to_host(current)
             for row in range(batch):
-                if not done[row]:
+                if not seqs[row].done:
                     accept(row, int(host[row]))
         t2 = time.perf_counter()
 
-        if detokenize is not None and not (stop_strings or stream):
-            texts = [detokenize(o[:-1] if o and o[-1] in stop_ids else o) for o in out]
-        return GenerationResult(texts=texts, token_ids=out, prompt_token_ids=[list(p) for p in prompts],
-                                finish_reasons=reasons, prefill_ms=(t1 - t0) * 1e3,
+        return GenerationResult(texts=[q.final_text() for q in seqs], token_ids=[q.token_ids for q in seqs],
+                                prompt_token_ids=[list(p) for p in prompts],
+                                finish_reasons=[q.finish_reason for q in seqs], prefill_ms=(t1 - t0) * 1e3,
                                 decode_ms=(t2 - t1) * 1e3, decode_steps=steps, compile_ms=compile_ms)

@@ -88,3 +88,44 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
     if isinstance(greedy, bool):
         return _greedy(logits) if greedy else draw(logits)
     return jax.lax.cond(greedy, _greedy, draw, logits)
+
+
+def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """One PRNG key per row from its own seed and step, so a request's draws do not
+    depend on which other requests share its batch."""
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Per-row settings: logits [B, V] float32, keys [B], temperature / top_k / top_p [B]
+    -> token ids [B] int32. A row with temperature 0 is greedy.
+
+    One compiled program serves any mix: the drawing branch runs only when some row
+    samples and the sort only when some row filters (`lax.cond` on the whole batch); rows
+    without filters draw from the unsorted logits either way, so a row's tokens do not
+    depend on its neighbours' settings.
+    """
+    greedy = _greedy(logits)
+    sampled = temperature > 0
+    filtered = sampled & ((top_k > 0) | (top_p < 1))
+
+    def draw(logits):
+        scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+        plain = jax.vmap(_draw)(scaled, keys)
+
+        def with_filters(scaled):
+            order = jnp.argsort(-scaled, axis=-1)
+            ranked = jnp.take_along_axis(scaled, order, axis=-1)
+            rank = jnp.arange(scaled.shape[-1])[None, :]
+            keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
+            probs = jax.nn.softmax(ranked, axis=-1)
+            keep = keep & (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
+            choice = jax.vmap(_draw)(jnp.where(keep, ranked, -jnp.inf), keys)
+            picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+            return jnp.where(filtered, picked, plain)
+
+        tokens = jax.lax.cond(jnp.any(filtered), with_filters, lambda _: plain, scaled)
+        return jnp.where(sampled, tokens, greedy)
+
+    return jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, logits)

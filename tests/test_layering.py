@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("loading", ("jaxpar.loading.*", "jaxpar.tokenizer")),
     ("kernels", ("jaxpar.kernels_pallas.*",)),
     ("sharding", ("jaxpar.sharding.*",)),
-    ("models", ("jaxpar.models.*", "jaxpar.sampling")),
+    ("models", ("jaxpar.models.*", "jaxpar.sampling", "jaxpar.stopping")),
     ("assembly", ("jaxpar.assembly",)),
     ("runtime", ("jaxpar.generate", "jaxpar.engine.*", "jaxpar.checkpoint.*", "jaxpar.sharding.inspect")),
     ("api", ("jaxpar.api",)),
