@@ -231,7 +231,6 @@ class PipelineSession:
         self.params = [last.put(a) for a in sampling.arrays()]
         self.caches = [[init_cache(gen.cfg, st.sharding, self.mb_rows, cache_len, gen.cache_dtype)
                         if st.held else None for st in self.stages] for _ in range(self.micro_batches)]
-        self.units = 0  # units of work each stage ran: (micro-batch, chunk) pairs or decode steps
 
     def _choose(self, greedy_tokens, logits, step: int):
         if self.sampling.greedy or greedy_tokens is None:
@@ -284,7 +283,6 @@ class PipelineSession:
                 valid = np.clip(lens - c * chunk, 0, chunk).astype(np.int32)
                 greedy, logits = self._through(m, first.put(piece), valid, chunk,
                                                "prefill" if c == 0 else "extend", logits)
-                self.units += 1
             out.append(self._choose(greedy, logits, 0))
         return out
 
@@ -298,7 +296,6 @@ class PipelineSession:
                                                            (self.mb_rows,), jnp.int32)
             greedy, logits = self._through(m, x, None, 1, "decode")
             out.append(self._choose(greedy, logits, step))
-            self.units += 1
         return out
 
     def to_host(self, tokens: list) -> np.ndarray:
