@@ -124,7 +124,10 @@ def _stage_step(graphdef, treedef, last: bool, activation: NamedSharding, mode: 
         return jax.lax.with_sharding_constraint(out, activation), cache
     if prev_logits is not None:
         out = jnp.where((lengths > 0)[:, None], out, prev_logits)
-    return jnp.argmax(out, axis=-1).astype(jnp.int32), out, cache
+    # Tokens leave replicated: the layout the first stage (and every process) reads them in.
+    greedy = jax.lax.with_sharding_constraint(jnp.argmax(out, axis=-1).astype(jnp.int32),
+                                              NamedSharding(activation.mesh, P()))
+    return greedy, out, cache
 
 
 def _stage_forward(graphdef, treedef, last: bool, activation: NamedSharding, leaves, inputs):
@@ -237,7 +240,8 @@ class PipelineSession:
             return greedy_tokens
         last = self.stages[-1]
         seed_step = last.put(np.array([self.sampling.seed, step], np.int32))
-        return self.gen.sample(logits, seed_step, *self.params, mode=self.sampling.mode())
+        tokens = self.gen.sample(logits, seed_step, *self.params, mode=self.sampling.mode())
+        return jax.device_put(tokens, last.replicated)
 
     def _through(self, m: int, x, lengths: np.ndarray | None, t: int, mode: str, prev_logits=None):
         """Runs micro-batch m's unit (`x`: token ids on the first stage) through every
@@ -302,16 +306,16 @@ class PipelineSession:
         """The tokens of every micro-batch, in row order. Under `jax.distributed` every
         process gets them: they are sent from the last stage to each other stage, and
         each process reads them on a stage it holds."""
-        last = self.stages[-1]
         if jax.process_count() == 1:
             return np.concatenate([to_host(t) for t in tokens])
+        last = self.stages[-1]
         rows = []
         for tok in tokens:
-            copies = {len(self.stages) - 1: tok}
+            mine = tok  # None unless this process holds the last stage
             for st in self.stages[:-1]:
-                copies[st.index] = transfer(tok, last, st, st.replicated, (self.mb_rows,), jnp.int32)
-            held = next(copies[st.index] for st in self.stages if st.held)
-            rows.append(to_host(held))
+                copy = transfer(tok, last, st, st.replicated, (self.mb_rows,), jnp.int32)
+                mine = copy if mine is None else mine
+            rows.append(to_host(mine))
         return np.concatenate(rows)
 
 
