@@ -25,8 +25,9 @@ from jaxpar.generate import GenerationResult, Generator
 from jaxpar.loading.sources import CheckpointError
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import KernelImpl, RuntimeOptions
+from jaxpar.pipeline import PipelineGenerator, PipelineModel
 from jaxpar.sampling import SamplingParams
-from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
 from jaxpar.tokenizer import Prompt, Tokenizer, encode, load_tokenizer
 
 
@@ -55,23 +56,39 @@ def _stop_ids(cfg: ModelConfig, tokenizer: Tokenizer | None, model_dir: Path) ->
 
 
 class LoadedModel:
-    """A model with its weights placed on a mesh, its tokenizer and compiled programs."""
+    """A model with its weights placed on a mesh, its tokenizer and compiled programs.
+    Over a pipeline (`module` a `PipelineModel`), `generate` and `logits` run through the
+    stages and give what the model gives on one device."""
 
-    def __init__(self, module: CausalLM, tokenizer: Tokenizer | None, dtype, stop_ids: set[int],
-                 skipped_weights: Sequence[str] = ()):
+    def __init__(self, module: CausalLM | PipelineModel, tokenizer: Tokenizer | None, dtype,
+                 stop_ids: set[int], skipped_weights: Sequence[str] = (),
+                 prefill_chunk: int | None = None):
         self.module = module
         # Checkpoint tensors deliberately not loaded (e.g. a vision tower, an MTP head).
         self.skipped_weights = list(skipped_weights)
         self.cfg: ModelConfig = module.cfg
-        self.sharding: ModelSharding = module.sharding
+        self.sharding: ModelSharding | PipelineSharding = module.sharding
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.stop_ids = stop_ids
-        self._generator = Generator(module, cache_dtype=dtype)
+        if isinstance(module, PipelineModel):
+            self._generator = PipelineGenerator(module, cache_dtype=dtype, prefill_chunk=prefill_chunk)
+        else:
+            if prefill_chunk is not None:
+                raise ValueError("prefill_chunk sets how a prompt flows through pipeline stages; this "
+                                 "model has no pipeline (give a policy with pp > 1)")
+            self._generator = Generator(module, cache_dtype=dtype)
         self._forward = None
 
     @property
+    def is_pipeline(self) -> bool:
+        return isinstance(self.module, PipelineModel)
+
+    @property
     def mesh(self) -> jax.sharding.Mesh:
+        if self.is_pipeline:
+            raise ValueError("a pipeline has one mesh per stage: see .sharding.meshes "
+                             "(or .sharding.stages[s].mesh)")
         return self.sharding.mesh
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
@@ -102,6 +119,8 @@ class LoadedModel:
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward without a cache: float32 logits [B, T, V] (rows of equal length)."""
+        if self.is_pipeline:
+            return self._generator.forward(np.asarray(token_ids, np.int32))
         tokens = jnp.asarray(np.asarray(token_ids, np.int32))
         g = self._generator
         if self._forward is None:
@@ -127,8 +146,9 @@ def _is_single(prompts) -> bool:
 def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "float32",
          policy: Policy = None,
          devices: Sequence[jax.Device] | None = None, mesh: jax.sharding.Mesh | None = None,
-         sharding: ModelSharding | None = None, kernel_impl: KernelImpl = "auto",
-         progress: bool | None = None, tokenizer: bool | Tokenizer = True) -> LoadedModel:
+         sharding: ModelSharding | PipelineSharding | None = None, kernel_impl: KernelImpl = "auto",
+         progress: bool | None = None, tokenizer: bool | Tokenizer = True,
+         prefill_chunk: int | None = None) -> LoadedModel:
     """Loads an HF folder (safetensors), a Llama GGUF file, or an alias (`smollm2-135m`).
 
     `policy` is a rule table (preset name such as "tp" / "tpa-dcp" / "dp-attention" / "sp",
@@ -137,18 +157,25 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     Weights stream tensor by tensor into their shardings; `progress` shows a bar (default:
     when stderr is a terminal). `tokenizer=False` loads none (token ids in and out); a
     Tokenizer instance is used as given. A folder without tokenizer files loads without one.
+    A table with `pp > 1` splits the layers into pipeline stages; each stage reads only its
+    own tensors, and long prompts flow through the stages in chunks of `prefill_chunk`
+    tokens (default 256).
     """
     ckpt = open_checkpoint(path_or_alias)
     cfg = ckpt.cfg
     jdtype = resolve_dtype(dtype, cfg)
     if sharding is None:
         sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
-    graphdef, state = abstract_model(cfg, sharding, jdtype, RuntimeOptions(kernel_impl=kernel_impl))
+    options = RuntimeOptions(kernel_impl=kernel_impl)
     if progress is None:
         progress = sys.stderr.isatty()
     bar = (lambda it: tqdm(it, desc="loading weights", unit="tensor", leave=False)) if progress else None
-    state = ckpt.load_state(state, sharding, jdtype, progress=bar)
-    module = nnx.merge(graphdef, state)
+    if isinstance(sharding, PipelineSharding):
+        module = PipelineModel.load(ckpt, sharding, jdtype, options, progress=bar)
+    else:
+        graphdef, state = abstract_model(cfg, sharding, jdtype, options)
+        state = ckpt.load_state(state, sharding, jdtype, progress=bar)
+        module = nnx.merge(graphdef, state)
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
@@ -163,13 +190,15 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
                          for n in skipped})
         logging.getLogger("jaxpar").warning("not loaded: %d tensors under %s (text model only)",
                                             len(skipped), ", ".join(groups))
-    return LoadedModel(module, tok, jdtype, _stop_ids(cfg, tok, ckpt.tokenizer_dir), skipped)
+    return LoadedModel(module, tok, jdtype, _stop_ids(cfg, tok, ckpt.tokenizer_dir), skipped,
+                       prefill_chunk=prefill_chunk)
 
 
 def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64,
              **kwargs) -> GenerationResult:
     """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh)."""
-    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress", "tokenizer"}
+    load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress", "tokenizer",
+                 "prefill_chunk"}
     model = load(path_or_alias, **{k: v for k, v in kwargs.items() if k in load_keys})
     return model.generate(prompts, max_new_tokens,
                           **{k: v for k, v in kwargs.items() if k not in load_keys})

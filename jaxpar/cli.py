@@ -37,7 +37,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--policy", default=None,
                    help="sharding rule table: a preset (tp, tpa-dcp, dp-attention, sp, ep, "
-                        "gdn-replicated) or a YAML file; default: one device")
+                        "gdn-replicated) or a YAML file (pp > 1: pipeline stages); default: one device")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="pipelines (pp > 1): prompt tokens per prefill chunk through the stages "
+                        "(default 256)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_generate)
 
@@ -105,7 +108,7 @@ def _generate(args) -> int:
                              f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
 
     model = jaxpar.load(args.model, dtype=args.dtype, policy=args.policy, tokenizer=tokenizer,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), prefill_chunk=args.prefill_chunk)
     single = len(args.prompt) == 1 and not args.json
     streamed = []
 

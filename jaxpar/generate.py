@@ -68,6 +68,11 @@ def _sample(logits, seed_step, temperature, top_k, top_p, mode):
                   filtered=filtered)
 
 
+def sampling_program() -> Callable:
+    """The jitted temperature / top-k / top-p sampler over logits (`mode` static)."""
+    return jax.jit(_sample, static_argnames="mode")
+
+
 def _prefill_logits(graphdef, state, tokens, lengths, cache):
     model: CausalLM = nnx.merge(graphdef, state)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -112,6 +117,37 @@ def _compiled_outputs(lowered):
     compiled = lowered.compile()
     return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
                         lowered.out_info, compiled.output_shardings)
+class MeshSession:
+    """The device side of one generate call on one mesh: its cache, the sampling inputs
+    and the compiled steps. `prefill` and `decode` return the chosen tokens as a device
+    array without waiting for them; `to_host` reads them. (A pipeline has its own session
+    with the same three methods: `jaxpar.pipeline`.)"""
+
+    def __init__(self, gen: "Generator", rows: int, cache_len: int, sampling: SamplingParams):
+        self.gen = gen
+        self.sampling = sampling
+        self.mesh = gen.sharding.mesh
+        self.params = [replicated(a, self.mesh) for a in sampling.arrays()]
+        self.weights = gen._flat_state()
+        self.cache = init_cache(gen.cfg, gen.sharding, rows, cache_len, gen.cache_dtype)
+
+    def _choose(self, greedy_tokens, logits, step: int):
+        if self.sampling.greedy:
+            return greedy_tokens
+        seed_step = replicated(np.array([self.sampling.seed, step], np.int32), self.mesh)
+        return self.gen.sample(logits, seed_step, *self.params, mode=self.sampling.mode())
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> jax.Array:
+        greedy_tokens, logits, self.cache = self.gen.prefill(
+            self.weights, replicated(tokens, self.mesh), replicated(lengths, self.mesh), self.cache)
+        return self._choose(greedy_tokens, logits, 0)
+
+    def decode(self, tokens: jax.Array, step: int) -> jax.Array:
+        greedy_tokens, logits, self.cache = self.gen.decode(self.weights, tokens, self.cache)
+        return self._choose(greedy_tokens, logits, step)
+
+    def to_host(self, tokens: jax.Array) -> np.ndarray:
+        return to_host(tokens)
 
 
 class Generator:
@@ -178,6 +214,18 @@ class Generator:
                 pending.append(_compiled_outputs(self.decode.lower(weights, next_tokens, cache)))
         self._compiled.add(key)
         return (time.perf_counter() - t0) * 1e3
+    def padded_rows(self, batch: int) -> int:
+        """Rows the device batch has for `batch` prompts: batch-split attention needs a
+        multiple of its split (padding rows repeat the first prompt; dropped)."""
+        return _round_up(batch, self.sharding.batch_multiple)
+
+    @property
+    def seq_multiple(self) -> int:
+        """Sequence-split layouts (SP, DCP) need prefill lengths that are multiples of this."""
+        return self.sharding.seq_multiple
+
+    def session(self, rows: int, cache_len: int, sampling: SamplingParams) -> MeshSession:
+        return MeshSession(self, rows, cache_len, sampling)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams, *, stop_ids: set[int],
@@ -209,43 +257,22 @@ class Generator:
         # Batch-split attention needs the batch to divide its devices: pad with copies of
         # the first prompt, whose outputs are dropped. Sequence-split layouts need the
         # padded length to divide too.
-        rows = -(-batch // self.sharding.batch_multiple) * self.sharding.batch_multiple
-        t_bucket = _round_up(bucket(max(len(p) for p in prompts)), self.sharding.seq_multiple)
+        rows = self.padded_rows(batch)
+        t_bucket = _round_up(bucket(max(len(p) for p in prompts)), self.seq_multiple)
         cache_len = _round_up(bucket(max(t_bucket, max(len(p) for p in prompts) + max_new_tokens)),
-                              self.sharding.seq_multiple)
+                              self.seq_multiple)
         padded = list(prompts) + [prompts[0]] * (rows - batch)
         tokens = np.zeros((rows, t_bucket), np.int32)
         for i, p in enumerate(padded):
             tokens[i, : len(p)] = p
         lengths = np.array([len(p) for p in padded], np.int32)
 
-        mesh = self.sharding.mesh
-        params = [replicated(a, mesh) for a in sampling.arrays()]
-
-        def seed_step(step: int) -> jax.Array:
-            return replicated(np.array([sampling.seed, step], np.int32), mesh)
-
-        def choose(greedy_tokens, logits, step):
-            if sampling.greedy:
-                return greedy_tokens
-            return self.sample(logits, seed_step(step), *params, mode=sampling.mode())
-
-        weights = self._flat_state()
-
-        def prefill(tokens, lengths, cache):
-            greedy_tokens, logits, cache = self.prefill(weights, tokens, lengths, cache)
-            return choose(greedy_tokens, logits, 0), cache
-
-        def decode(tokens, cache, step):
-            greedy_tokens, logits, cache = self.decode(weights, tokens, cache)
-            return choose(greedy_tokens, logits, step), cache
-
         compile_ms = self.compile(rows, t_bucket, cache_len, sampling)
-        cache = init_cache(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
+        session = self.session(rows, cache_len, sampling)
 
         t0 = time.perf_counter()
-        next_tok, cache = prefill(replicated(tokens, mesh), replicated(lengths, mesh), cache)
-        first = to_host(next_tok)
+        next_tok = session.prefill(tokens, lengths)
+        first = session.to_host(next_tok)
         t1 = time.perf_counter()
 
         # As HF generate and vLLM: a stop id ends the row and stays in its token ids, but
@@ -269,11 +296,11 @@ class Generator:
         while not all(q.done for q in seqs):
             steps += 1
             if ahead is None:
-                ahead, cache = decode(current, cache, steps)
+                ahead = session.decode(current, steps)
             current, ahead = ahead, None
             if max(len(q.token_ids) for q in seqs if not q.done) + 1 < max_new_tokens:
-                ahead, cache = decode(current, cache, steps + 1)
-            host = to_host(current)
+                ahead = session.decode(current, steps + 1)
+            host = session.to_host(current)
             for row in range(batch):
                 if not seqs[row].done:
                     accept(row, int(host[row]))

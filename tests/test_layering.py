@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sharding", ("jaxpar.sharding.*",)),
     ("models", ("jaxpar.models.*", "jaxpar.sampling", "jaxpar.stopping")),
     ("assembly", ("jaxpar.assembly",)),
-    ("runtime", ("jaxpar.generate", "jaxpar.engine.*", "jaxpar.checkpoint.*", "jaxpar.sharding.inspect")),
+    ("runtime", ("jaxpar.generate", "jaxpar.pipeline", "jaxpar.engine.*", "jaxpar.checkpoint.*",
+                 "jaxpar.sharding.inspect")),
     ("api", ("jaxpar.api",)),
     ("cli", ("jaxpar.cli", "jaxpar")),  # "jaxpar": the package's __init__
 ]

@@ -36,6 +36,7 @@ from jaxpar.loading.orbax_reader import (FORMAT, HF_CONFIG, MARKER, PARAMS_DIR, 
                                          TOKENIZER_FILES, VERSION, OrbaxReader, ParamEntry,
                                          is_orbax_checkpoint, nested, orbax_module, path_key)
 from jaxpar.loading.sources import CheckpointError, TensorSource
+from jaxpar.sharding.model_sharding import ModelSharding
 from jaxpar.sharding.resolve import plain_tp
 from jaxpar.version import __version__
 
@@ -169,6 +170,9 @@ def hf_to_orbax(src: str | Path, dst: str | Path, *, dtype: str | None = "auto",
     jdtype = resolve_dtype(dtype, cfg)
     stored = dtype_name(jdtype)
     sharding = make_sharding(cfg, policy, devices=devices)
+    if not isinstance(sharding, ModelSharding):
+        raise ConversionError("conversion places whole tensors on one mesh: a pipeline policy (pp > 1) does "
+                              "not apply (convert with pp: 1; any policy, pipelines too, loads the result)")
     try:
         _, state = abstract_model(cfg, sharding, jdtype)
     except NotImplementedError as e:

@@ -12,11 +12,16 @@ Loading is two steps, shared by `jaxpar.load` and the Orbax converter:
 Where each parameter goes comes from the caller: anything with
 `rules_for_param(path) -> rules` whose `rules.sharding(logical_axes)` is a `NamedSharding`
 (the model's `ModelSharding`); the loader itself knows nothing about meshes or plans.
+
+A pipeline stage's state holds only its layers (and the embedding or the head); the caller
+says which layers (`layers=`), and the loader then touches no tensor of another stage, not
+even its shape, and does not count those tensors as unused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import jax
@@ -67,9 +72,30 @@ def read_block(source: TensorSource, name: str, layout, our_shape: tuple[int, ..
     return layout.read(source, name, our_shape, index)
 
 
-def plan_reads(state: nnx.State, cfg: ModelConfig, source: TensorSource) -> list[ParamRead]:
+def layer_of(cfg: ModelConfig, name: str) -> int | None:
+    """The layer index of an HF tensor name (`model.layers.3.mlp...` -> 3), or None."""
+    m = re.match(re.escape(cfg.weight_prefix) + r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def belongs_elsewhere(cfg: ModelConfig, name: str, layers: Sequence[int] | None) -> bool:
+    """Whether tensor `name` is another pipeline stage's business when this one holds
+    `layers` (None: the whole model): another layer's tensor, or the embedding / final
+    norm / LM head (which of those a stage holds, its state says)."""
+    if layers is None:
+        return False
+    layer = layer_of(cfg, name)
+    if layer is not None:
+        return layer not in layers
+    return name in (hf_name(cfg, ("embed_tokens", "weight")), hf_name(cfg, ("norm", "weight")),
+                    hf_name(cfg, ("lm_head", "weight")))
+
+
+def plan_reads(state: nnx.State, cfg: ModelConfig, source: TensorSource, *,
+               layers: Sequence[int] | None = None) -> list[ParamRead]:
     """Every parameter of the abstract `state` with the checkpoint tensors it needs, checked
-    against `source` (names, unused tensors, shapes) without reading any data."""
+    against `source` (names, unused tensors, shapes) without reading any data. `layers`:
+    the layers a pipeline stage's `state` holds (None: the whole model)."""
     available = set(source.names())
     reads = []
     for path, var in nnx.to_flat_state(state):
@@ -84,7 +110,8 @@ def plan_reads(state: nnx.State, cfg: ModelConfig, source: TensorSource) -> list
     consumed = {n for r in reads for n in r.hf_names}
     unexpected = sorted(n for n in available - consumed
                         if not n.endswith(IGNORED_SUFFIXES) and not _tied_duplicate(cfg, n)
-                        and not n.startswith(cfg.skipped_weight_prefixes))
+                        and not n.startswith(cfg.skipped_weight_prefixes)
+                        and not belongs_elsewhere(cfg, n, layers))
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s) the model does "
                               f"not use: {unexpected[:8]}")
@@ -123,9 +150,11 @@ def param_sharding(shardings: ParamShardings, read: ParamRead) -> jax.sharding.S
 
 
 def load_params(state: nnx.State, cfg: ModelConfig, source: TensorSource, sharding: ParamShardings,
-                dtype, progress: Callable[[Iterable], Iterable] | None = None) -> nnx.State:
-    """Fills an abstract `state` (from `nnx.eval_shape`) with sharded arrays from `source`."""
-    reads = plan_reads(state, cfg, source)
+                dtype, progress: Callable[[Iterable], Iterable] | None = None, *,
+                layers: Sequence[int] | None = None) -> nnx.State:
+    """Fills an abstract `state` (from `nnx.eval_shape`) with sharded arrays from `source`;
+    `layers`: the layers a pipeline stage's state holds (None: the whole model)."""
+    reads = plan_reads(state, cfg, source, layers=layers)
     loaded = [(r.path, place_param(source, r, param_sharding(sharding, r), dtype))
               for r in (progress(reads) if progress else reads)]
     for path, array in loaded:

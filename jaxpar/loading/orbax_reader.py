@@ -56,6 +56,17 @@ def is_orbax_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / MARKER).is_file()
 
 
+def _other_stage(key: str, layers: Sequence[int] | None) -> bool:
+    """Whether parameter `key` ("layers/3/...", "embed_tokens/weight", ...) belongs to
+    another pipeline stage when this one holds `layers` (None: the whole model)."""
+    if layers is None:
+        return False
+    parts = key.split("/")
+    if parts[0] == "layers":
+        return int(parts[1]) not in layers
+    return parts[0] in ("embed_tokens", "norm", "lm_head")
+
+
 def path_key(path: Sequence[Any]) -> str:
     """nnx state path -> "layers/0/self_attn/q_proj/weight"."""
     return "/".join(str(p) for p in path)
@@ -222,9 +233,10 @@ class OrbaxReader:
 
     # --- restoring onto shardings
 
-    def _check_model(self, flat: dict[str, tuple[tuple, Any]]) -> None:
+    def _check_model(self, flat: dict[str, tuple[tuple, Any]], layers: Sequence[int] | None = None) -> None:
         missing = sorted(set(flat) - set(self.by_path))
-        unexpected = sorted(set(self.by_path) - set(flat))
+        unexpected = sorted(k for k in set(self.by_path) - set(flat)
+                            if not _other_stage(k, layers))
         if missing:
             raise CheckpointError(f"{self.path} lacks {len(missing)} parameter(s) the model needs: {missing[:6]}")
         if unexpected:
@@ -237,23 +249,38 @@ class OrbaxReader:
                                       f"the model expects {list(shape)}")
 
     def restore_state(self, state: nnx.State, sharding: ParamShardings, dtype,
-                      progress: Callable[[Iterable], Iterable] | None = None) -> nnx.State:
+                      progress: Callable[[Iterable], Iterable] | None = None, *,
+                      layers: Sequence[int] | None = None) -> nnx.State:
         """Fills an abstract state (from `nnx.eval_shape`) with arrays restored by Orbax
         directly into each parameter's NamedSharding under `sharding` (cast to `dtype`).
-        Parameters are matched by state path (checked against the manifest first)."""
+        Parameters are matched by state path (checked against the manifest first).
+
+        `layers`: the layers a pipeline stage's state holds (None: the whole model); the
+        stage then restores only its own parameters (a partial restore of each group that
+        holds any), never another stage's."""
         ocp = orbax_module()
         flat = {path_key(p): (tuple(p), var) for p, var in nnx.to_flat_state(state)}
-        self._check_model(flat)
-        groups = range(len(self.groups))
+        self._check_model(flat, layers)
+        groups = [g for g in range(len(self.groups)) if any(e.path in flat for e in self.group_entries(g))]
         for g in (progress(groups) if progress else groups):
+            entries = [e for e in self.group_entries(g) if e.path in flat]
+            partial = len(entries) < len(self.group_entries(g))
             targets = {}
-            for e in self.group_entries(g):
+            for e in entries:
                 path, var = flat[e.path]
                 named = sharding.rules_for_param(path).sharding(var.logical_axes)
                 targets[e.path] = jax.ShapeDtypeStruct(e.shape, dtype, sharding=named)
-            ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+            if partial:
+                ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+                args = ocp.args.PyTreeRestore(
+                    item=nested({k: 0 for k in targets}), partial_restore=True,
+                    restore_args=nested({k: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                                 dtype=t.dtype) for k, t in targets.items()}))
+            else:
+                ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+                args = ocp.args.StandardRestore(nested(targets))
             try:
-                restored = ckptr.restore(self.group_dir(g), args=ocp.args.StandardRestore(nested(targets)))
+                restored = ckptr.restore(self.group_dir(g), args=args)
             except Exception as e:
                 raise CheckpointError(f"cannot restore {self.group_dir(g)}: {e}") from e
             finally:

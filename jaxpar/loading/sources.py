@@ -81,3 +81,26 @@ class SafetensorsSource:
 
     def read(self, name: str, index: Index) -> np.ndarray:
         return np.asarray(self._slice(name)[index])
+
+
+class CountingSource:
+    """Wraps a TensorSource and records the tensors touched (shape or data) and the bytes
+    read: how a pipeline stage shows it reads only its own tensors."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+        self.touched: set[str] = set()
+        self.bytes_read = 0
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self.touched.add(name)
+        return self.source.shape(name)
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        block = self.source.read(name, index)
+        self.touched.add(name)
+        self.bytes_read += block.nbytes
+        return block

@@ -1,4 +1,11 @@
-"""One causal decoder for every family, assembled from `ModelConfig.layer_types`."""
+"""One causal decoder for every family, assembled from `ModelConfig.layer_types`.
+
+The same `CausalLM` is a pipeline stage when its `ModelSharding` holds only part of the
+model (`jaxpar.sharding.model_sharding`): it then builds only that stage's layers (at their
+global indices, so parameter paths stay the checkpoint's names), the embedding on the first
+stage, and the final norm and LM head on the last (with tied embeddings, the last stage
+holds its own copy of the embedding for the head).
+"""
 
 from __future__ import annotations
 
@@ -93,12 +100,18 @@ class CausalLM(nnx.Module):
                  options: RuntimeOptions = RuntimeOptions()):
         self.cfg = cfg
         self.sharding = sharding
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embeds = sharding.embed is not None  # takes token ids (else hidden states)
+        self.has_head = sharding.head is not None  # returns logits (else hidden states)
+        tied_copy = self.has_head and cfg.tie_word_embeddings
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype) if self.embeds or tied_copy else None
+        # Layers another pipeline stage holds are None: indices stay global.
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, sharding.layers[i], options)
+                                if sharding.layers[i] is not None else None
                                 for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
-                            zero_centred=cfg.zero_centred_norm)
-        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, dtype)
+        self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, zero_centred=cfg.zero_centred_norm)
+                     if self.has_head else None)
+        self.lm_head = (LMHead(cfg.hidden_size, cfg.vocab_size, dtype)
+                        if self.has_head and not cfg.tie_word_embeddings else None)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h: [..., E] -> float32 logits [..., V]."""
@@ -117,31 +130,40 @@ class CausalLM(nnx.Module):
         cached ones (chunked prefill, positions = cache.lengths + t), "decode" feeds one
         token (T == 1). Returns (logits, new cache). `last_only` returns logits of each
         row's last valid token [B, V] instead of all positions [B, T, V].
+
+        A pipeline stage without the embedding takes the previous stage's hidden states
+        [B, T, E] as `tokens`; one without the head returns its hidden states [B, T, E]
+        (all positions) instead of logits. The cache holds the stage's own layers only.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        x = self.embed_tokens(tokens)
-        x = self.sharding.embed.constrain(x, DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL)
+        residual = DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL
+        if self.embeds:
+            x = self.sharding.embed.constrain(self.embed_tokens(tokens), residual)
+        else:
+            x = tokens
         new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
+        for k, layer in enumerate(layer for layer in self.layers if layer is not None):
+            layer_cache = None if cache is None else cache.layers[k]
             x, layer_cache = layer(x, positions, layer_cache, lengths, mode=mode)
             new_layers.append(layer_cache)
+        new_cache = None if cache is None else Cache(layers=tuple(new_layers), lengths=cache.lengths + lengths)
+        if not self.has_head:
+            return x, new_cache
         if last_only:
             x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        logits = self.logits(self.norm(x))
-        if cache is None:
-            return logits, None
-        return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + lengths)
+        return self.logits(self.norm(x)), new_cache
 
 
 def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
                  dtype, state_dtype=jnp.float32) -> Cache:
     """The cache's abstract layout: ShapeDtypeStructs carrying their shardings. Attention
     layers get a KV cache of `max_len` slots; GDN layers their conv and recurrent states
-    (recurrent state in `state_dtype`, float32 by default)."""
+    (recurrent state in `state_dtype`, float32 by default). A pipeline stage's cache holds
+    its own layers only, in order."""
     layers = []
-    for i, kind in enumerate(cfg.layer_types):
+    for i in sharding.owned_layers:
+        kind = cfg.layer_types[i]
         rules = sharding.layers[i].mixer
         if kind == ATTENTION:
             kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype,

@@ -124,10 +124,12 @@ def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
     def local(q, k_new, v_new, kc, vc, positions, lengths):
         rank = _index(dcp_axes)
         rows = jnp.arange(q.shape[0])[:, None]
-        slot = positions // n_dcp
-        mine = (positions % n_dcp == rank)[..., None, None]
-        kc = kc.at[rows, slot].set(jnp.where(mine, k_new.astype(kc.dtype), kc[rows, slot]))
-        vc = vc.at[rows, slot].set(jnp.where(mine, v_new.astype(vc.dtype), vc[rows, slot]))
+        # n consecutive positions share a local slot index, one per rank: another rank's
+        # positions are sent past the end and dropped (writing them back unchanged would
+        # race with this rank's write to the same slot).
+        slot = jnp.where(positions % n_dcp == rank, positions // n_dcp, kc.shape[1])
+        kc = kc.at[rows, slot].set(k_new.astype(kc.dtype), mode="drop")
+        vc = vc.at[rows, slot].set(v_new.astype(vc.dtype), mode="drop")
         kk, vv = _kv_for_local_heads(rules, kc, vc, num_heads, num_kv_heads, q.shape[2])
         kv_valid = positions[:, 0] + lengths
         o, lse = dispatch.attention_extend(q, kk, vv, positions, kv_valid, scale=scale,

@@ -6,6 +6,10 @@ device; and the collectives (count and bytes by kind) of one prefill and one dec
 read from the compiled HLO of the very programs generation runs
 (`jaxpar.generate.model_programs`). This module sits above the models (beside
 `jaxpar.generate`), not with the rest of `jaxpar.sharding`.
+
+For a pipeline (`pp > 1`), also per stage: its devices and layers, its parameter bytes,
+the activation bytes it hands to the next stage per prefill and per decode step, and its
+own collectives (compiled from the stage programs, `jaxpar.pipeline.stage_programs`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from jaxpar.config import ModelConfig
 from jaxpar.generate import model_programs
 from jaxpar.models.decoder import cache_shapes
 from jaxpar.models.options import RuntimeOptions
-from jaxpar.sharding.model_sharding import ModelSharding
+from jaxpar.pipeline import DEFAULT_PREFILL_CHUNK, bubble_fraction, stage_programs
+from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
@@ -43,6 +48,7 @@ class ParamReport:
     spec: str
     bytes_total: int
     bytes_per_device: int
+    stage: int | None = None  # pipeline stage holding it
 
 
 @dataclasses.dataclass
@@ -52,6 +58,27 @@ class BlockReport:
     layer: int | None
     rule: int | None
     plan: str
+    stage: int | None = None  # pipeline stage holding it
+
+
+@dataclasses.dataclass
+class StageReport:
+    """One pipeline stage: where it runs, what it holds and what it sends on."""
+
+    stage: int
+    devices: list[int]
+    layers: list[int]  # first and last layer (inclusive)
+    embed: bool
+    head: bool
+    param_bytes: int  # the stage's parameters, all its devices together
+    param_bytes_per_device: int
+    cache_bytes_per_device: int
+    # Hidden states sent to the next stage (0 on the last): the whole prompt of one
+    # prefill (in chunks), and one decode step. The last stage sends the tokens back.
+    activation_bytes_prefill: int
+    activation_bytes_decode: int
+    prefill_collectives: dict[str, "CollectiveStats"]
+    decode_collectives: dict[str, "CollectiveStats"]
 
 
 @dataclasses.dataclass
@@ -74,21 +101,44 @@ class PlanReport:
     decode_collectives: dict[str, CollectiveStats]
     # Rules that change nothing for this model (no block matched, or shadowed).
     rule_warnings: list[str] = dataclasses.field(default_factory=list)
+    # Pipeline parallelism: one report per stage (empty without), and the schedule of a
+    # prefill of `seq` tokens in chunks (chunk, chunks, micro_batches, bubble_fraction).
+    stages: list[StageReport] = dataclasses.field(default_factory=list)
+    schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _format_stages(self) -> list[str]:
+        sc = self.schedule
+        lines = ["", f"pipeline: {len(self.stages)} stages; prefill of {self.seq} tokens in {sc['chunks']} "
+                     f"chunk(s) of {sc['chunk']} x {sc['micro_batches']} micro-batch(es): bubble "
+                     f"{sc['bubble_fraction']:.0%} of the stage time",
+                 f"{'stage':>5s} {'devices':>9s} {'layers':>7s} {'holds':>11s} {'param bytes':>14s} "
+                 f"{'bytes/device':>13s} {'-> next, prefill':>17s} {'-> next, decode':>16s}"]
+        for st in self.stages:
+            ends = "+".join(n for n, on in (("embed", st.embed), ("head", st.head)) if on) or "-"
+            devs = f"{st.devices[0]}-{st.devices[-1]}"
+            lines.append(f"{st.stage:>5d} {devs:>9s} {f'{st.layers[0]}-{st.layers[1]}':>7s} {ends:>11s} "
+                         f"{st.param_bytes:>14,d} {st.param_bytes_per_device:>13,d} "
+                         f"{st.activation_bytes_prefill:>17,d} {st.activation_bytes_decode:>16,d}")
+        return lines
 
     def format(self) -> str:
         lines = [f"policy {self.policy} on mesh {self.mesh} (batch {self.batch}, seq {self.seq})", "",
                  f"{'block':40s} {'kind':17s} {'rule':>5s}  plan"]
         for b in self.blocks:
-            lines.append(f"{b.block:40s} {b.kind:17s} {('-' if b.rule is None else b.rule):>5}  {b.plan}")
+            stage = "" if b.stage is None else f"  (stage {b.stage})"
+            lines.append(f"{b.block:40s} {b.kind:17s} {('-' if b.rule is None else b.rule):>5}  {b.plan}{stage}")
         if self.rule_warnings:
             lines += ["", "rules that change nothing for this model:"]
             lines += [f"  warning: {w}" for w in self.rule_warnings]
+        if self.stages:
+            lines += self._format_stages()
         lines += ["", f"{'parameter':52s} {'shape':>18s} {'spec':34s} {'bytes/device':>13s}"]
         for p in self.params:
-            lines.append(f"{p.path:52s} {str(p.shape):>18s} {p.spec:34s} {p.bytes_per_device:>13,d}")
+            path = p.path if p.stage is None else f"[{p.stage}] {p.path}"
+            lines.append(f"{path:52s} {str(p.shape):>18s} {p.spec:34s} {p.bytes_per_device:>13,d}")
         lines += ["", f"parameters per device: {self.param_bytes_per_device:,d} bytes",
                   f"KV cache per device:   {self.cache_bytes_per_device:,d} bytes"]
         for name, stats in (("prefill", self.prefill_collectives), ("decode", self.decode_collectives)):
@@ -138,18 +188,112 @@ def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: in
     return collective_stats(pre_hlo), collective_stats(dec_hlo)
 
 
-def plan_report(cfg: ModelConfig, sharding: ModelSharding, *, batch: int = 1, seq: int = 128,
-                dtype=jnp.bfloat16, collectives: bool = True) -> PlanReport:
-    seq = -(-seq // sharding.seq_multiple) * sharding.seq_multiple
-    batch = -(-batch // sharding.batch_multiple) * sharding.batch_multiple
-    _, state = abstract_model(cfg, sharding, dtype)
+def _param_reports(state, stage: int | None = None) -> list[ParamReport]:
     params = []
     for path, var in nnx.to_flat_state(state):
         aval = var.get_value()
         params.append(ParamReport(path="/".join(map(str, path)), shape=tuple(aval.shape),
                                   spec=str(tuple(aval.sharding.spec)),
                                   bytes_total=int(np.prod(aval.shape, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize,
-                                  bytes_per_device=_bytes_per_device(aval)))
+                                  bytes_per_device=_bytes_per_device(aval), stage=stage))
+    return params
+
+
+def stage_collectives(cfg: ModelConfig, stage: ModelSharding, dtype, batch: int, seq: int,
+                      options: RuntimeOptions = RuntimeOptions()):
+    """Compiles one pipeline stage's prefill (`seq` tokens) and decode programs on abstract
+    inputs (token ids on the first stage, hidden states on the others); returns their
+    collectives."""
+    graphdef, state = abstract_model(cfg, stage, dtype, options)
+    leaves, treedef = jax.tree.flatten(state)
+    programs = stage_programs(graphdef, treedef, stage)
+    cache = cache_shapes(cfg, stage, batch, seq + stage.seq_multiple, dtype)
+    replicated = jax.sharding.NamedSharding(stage.mesh, jax.sharding.PartitionSpec())
+    act = stage.activation_sharding()
+
+    def inputs(t):
+        if stage.embed is not None:
+            return jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=replicated)
+        return jax.ShapeDtypeStruct((batch, t, cfg.hidden_size), dtype, sharding=act)
+
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
+    pre_hlo = programs.prefill.lower(leaves, inputs(seq), lengths, cache).compile().as_text()
+    tok = (jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated) if stage.embed is not None
+           else inputs(1))
+    dec_hlo = programs.decode.lower(leaves, tok, None, cache).compile().as_text()
+    return collective_stats(pre_hlo), collective_stats(dec_hlo)
+
+
+def _add(into: dict[str, CollectiveStats], more: dict[str, CollectiveStats]) -> None:
+    for k, v in more.items():
+        s = into.setdefault(k, CollectiveStats())
+        s.count += v.count
+        s.bytes += v.bytes
+
+
+def pipeline_report(cfg: ModelConfig, sharding: PipelineSharding, *, batch: int = 1, seq: int = 128,
+                    dtype=jnp.bfloat16, collectives: bool = True,
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> PlanReport:
+    """`plan_report` for a pipeline: blocks and parameters tagged with their stage, one
+    `StageReport` per stage, totals per step over all stages (parameters and cache per
+    device: the largest stage's)."""
+    seq = -(-seq // sharding.seq_multiple) * sharding.seq_multiple
+    pp = sharding.num_stages
+    mb = -(-(-(-batch // pp)) // sharding.batch_multiple) * sharding.batch_multiple
+    micro_batches = -(-batch // mb)
+    batch = micro_batches * mb
+    chunk = -(-min(prefill_chunk, seq) // sharding.seq_multiple) * sharding.seq_multiple
+    chunks = -(-seq // chunk)
+    itemsize = jnp.dtype(dtype).itemsize
+    params, stages = [], []
+    pre_total: dict[str, CollectiveStats] = {}
+    dec_total: dict[str, CollectiveStats] = {}
+    for s, (stage, layers) in enumerate(zip(sharding.stages, sharding.ranges)):
+        _, state = abstract_model(cfg, stage, dtype)
+        stage_params = _param_reports(state, s)
+        params += stage_params
+        cache = cache_shapes(cfg, stage, mb, seq, dtype)
+        pre, dec = stage_collectives(cfg, stage, dtype, mb, seq) if collectives else ({}, {})
+        # Every micro-batch runs each step: the counts of one step are micro_batches times.
+        for stats in (pre, dec):
+            for v in stats.values():
+                v.count *= micro_batches
+                v.bytes *= micro_batches
+        _add(pre_total, pre)
+        _add(dec_total, dec)
+        sends = s < pp - 1
+        stages.append(StageReport(
+            stage=s, devices=[d.id for d in stage.mesh.devices.flat], layers=[layers.start, layers.stop - 1],
+            embed=stage.embed is not None, head=stage.head is not None,
+            param_bytes=sum(p.bytes_total for p in stage_params),
+            param_bytes_per_device=sum(p.bytes_per_device for p in stage_params),
+            cache_bytes_per_device=micro_batches * sum(_bytes_per_device(a) for a in jax.tree.leaves(cache)),
+            activation_bytes_prefill=batch * seq * cfg.hidden_size * itemsize if sends else 0,
+            activation_bytes_decode=batch * cfg.hidden_size * itemsize if sends else batch * 4,
+            prefill_collectives=pre, decode_collectives=dec))
+    blocks = []
+    for p in sharding.plans:
+        stage = sharding.stage_of_layer(p.layer) if p.layer is not None else (0 if p.kind == "embed" else pp - 1)
+        blocks.append(BlockReport(p.block, p.kind, p.layer, p.rule, p.describe(), stage))
+    units = chunks * micro_batches
+    return PlanReport(policy=sharding.table_name, mesh={"pp": pp, **dict(sharding.stages[0].mesh.shape)},
+                      batch=batch, seq=seq, blocks=blocks, params=params,
+                      param_bytes_per_device=max(st.param_bytes_per_device for st in stages),
+                      cache_bytes_per_device=max(st.cache_bytes_per_device for st in stages),
+                      prefill_collectives=pre_total, decode_collectives=dec_total,
+                      rule_warnings=list(sharding.rule_warnings), stages=stages,
+                      schedule={"chunk": chunk, "chunks": chunks, "micro_batches": micro_batches,
+                                "bubble_fraction": bubble_fraction(pp, units)})
+
+
+def plan_report(cfg: ModelConfig, sharding: ModelSharding | PipelineSharding, *, batch: int = 1,
+                seq: int = 128, dtype=jnp.bfloat16, collectives: bool = True) -> PlanReport:
+    if isinstance(sharding, PipelineSharding):
+        return pipeline_report(cfg, sharding, batch=batch, seq=seq, dtype=dtype, collectives=collectives)
+    seq = -(-seq // sharding.seq_multiple) * sharding.seq_multiple
+    batch = -(-batch // sharding.batch_multiple) * sharding.batch_multiple
+    _, state = abstract_model(cfg, sharding, dtype)
+    params = _param_reports(state)
     cache = cache_shapes(cfg, sharding, batch, seq, dtype)
     cache_bytes = sum(_bytes_per_device(a) for a in jax.tree.leaves(cache))
     blocks = [BlockReport(p.block, p.kind, p.layer, p.rule, p.describe()) for p in sharding.plans]

@@ -10,6 +10,11 @@ and listed on the `ModelSharding` for `jaxpar plan`.
 For `kind: moe`, `tp_size` is the block's device count like for every other kind, and
 `ep_size` splits the experts among those devices: `{tp_size: 16, ep_size: 8}` is 8 expert
 groups of 2 devices, each expert's ffn split 2 ways (the per-layer policy RFC's reading).
+
+A table with `pp > 1` resolves to a `PipelineSharding` (`build_pipeline`): the layers split
+by `layer_partition` into stages of consecutive layers, every stage a mesh of the same
+shape over its own `dp * tp` devices, with the same plans (rules match global layer
+indices); the embedding is on the first stage, the final norm and LM head on the last.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax
 from jaxpar.config import ATTENTION, ModelConfig
 from jaxpar.sharding.axis_rules import AxisRules, MeshAxes
 from jaxpar.sharding.mesh import Group, build_mesh
-from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding
+from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding, PipelineSharding
 from jaxpar.sharding.rules import Rule, RuleTable, RuleTableError, preset
 
 # Plan keys each kind of block accepts.
@@ -127,13 +132,14 @@ def _flavor(cfg: ModelConfig, block: Block) -> str | None:
     return cfg.attention_flavor if block.kind == ATTENTION else None
 
 
-def _where(rule: Rule | None, block: Block) -> str:
+def _where(rule: Rule | None, block: Block, stage: str = "") -> str:
     at = f"layer {block.layer} ({block.prefix})" if block.layer is not None else block.prefix
-    return f"{rule.describe() if rule else 'the default plan (plain TP)'} at {at}"
+    return f"{rule.describe() if rule else 'the default plan (plain TP)'} at {at}{stage}"
 
 
-def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, tp: int) -> None:
-    where = _where(rule, block)
+def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, tp: int,
+           stage: str = "") -> None:
+    where = _where(rule, block, stage)
     allowed = KIND_FEATURES[block.kind]
     if rule is not None:
         bad = [k for k in rule.plan.keys if k not in allowed]
@@ -141,9 +147,10 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
             raise RuleTableError(f"{where}: {block.kind} blocks of {cfg.model_type} do not support plan "
                                  f"key(s) {bad} (supported: {', '.join(allowed) or 'none'})")
     if tp % plan.devices:
+        runs_on = f"tp={tp} devices of its pipeline stage" if stage else f"tp={tp} devices it runs on"
         raise RuleTableError(f"{where}: the plan's sizes multiply to {plan.devices} devices "
                              f"(tp_size={plan.tp_size}, dcp_size={plan.dcp_size}, dp_size={plan.dp_size}), "
-                             f"which does not divide the tp={tp} devices it runs on")
+                             f"which does not divide the {runs_on}")
     t = plan.tp_size
     if block.kind == "attention":
         if cfg.num_heads % t:
@@ -201,7 +208,39 @@ def _check_rules_fit_architecture(table: RuleTable, cfg: ModelConfig) -> None:
                                  f"(its attention layers are {cfg.attention_flavor})")
 
 
-def resolve_plans(table: RuleTable, cfg: ModelConfig) -> list[LayerPlan]:
+def stage_partition(table: RuleTable, cfg: ModelConfig) -> tuple[int, ...]:
+    """Layers per pipeline stage: the table's `layer_partition` (checked against the model),
+    or as even as possible with the remainder on the first stages."""
+    pp, n = table.axis("pp"), cfg.num_layers
+    if table.layer_partition is None:
+        if pp > n:
+            raise RuleTableError(f"axes: pp={pp} stages for a model of {n} layers: stage(s) {n}-{pp - 1} "
+                                 "would have 0 layers (every pipeline stage needs at least 1)")
+        base, extra = divmod(n, pp)
+        return tuple(base + (1 if s < extra else 0) for s in range(pp))
+    parts = table.layer_partition
+    if sum(parts) != n:
+        raise RuleTableError(f"layer_partition {','.join(map(str, parts))} sums to {sum(parts)} layers, "
+                             f"but the {cfg.model_type} model has {n} layers")
+    return parts
+
+
+def _stage_note(partition: Sequence[int] | None, block: Block) -> str:
+    """" (pipeline stage 1: layers 2-4)" for a block of a pipeline stage, else ""."""
+    if partition is None or len(partition) == 1:
+        return ""
+    starts = [sum(partition[:s]) for s in range(len(partition))]
+    if block.layer is None:
+        s = 0 if block.kind == "embed" else len(partition) - 1
+    else:
+        s = max(k for k, a in enumerate(starts) if a <= block.layer)
+    return f" (pipeline stage {s}: layers {starts[s]}-{starts[s] + partition[s] - 1})"
+
+
+def resolve_plans(table: RuleTable, cfg: ModelConfig,
+                  partition: Sequence[int] | None = None) -> list[LayerPlan]:
+    """The plan of every block; `partition` (layers per pipeline stage) only names the
+    stage in error messages."""
     tp = table.axis("tp")
     _check_rules_fit_architecture(table, cfg)
     plans = []
@@ -215,7 +254,7 @@ def resolve_plans(table: RuleTable, cfg: ModelConfig) -> list[LayerPlan]:
             tp_size = p.tp_size if p.tp_size is not None else max(tp // (p.dcp_size * p.dp_size), 1)
             plan = LayerPlan(block.prefix, block.kind, block.layer, rule.index, tp_size=tp_size,
                              dcp_size=p.dcp_size, dp_size=p.dp_size, ep_size=p.ep_size, sp=p.sp)
-        _check(cfg, plan, rule, block, tp)
+        _check(cfg, plan, rule, block, tp, _stage_note(partition, block))
         plans.append(plan)
     return plans
 
@@ -252,17 +291,56 @@ def _labels(table: RuleTable, plan: LayerPlan) -> dict[str, str]:
     return dict(table.rules[plan.rule].plan.axis_refs)
 
 
-def build_sharding(table: RuleTable, cfg: ModelConfig,
-                   devices: Sequence[jax.Device] | None = None) -> ModelSharding:
-    plans = resolve_plans(table, cfg)
-    notes = tuple(rule_warnings(table, cfg, plans))
+def _warn(table: RuleTable, notes: Sequence[str]) -> None:
     if not table.preset:
         for note in notes:
-            warnings.warn(RuleTableWarning(note), stacklevel=2)
+            warnings.warn(RuleTableWarning(note), stacklevel=3)
+
+
+def build_sharding(table: RuleTable, cfg: ModelConfig,
+                   devices: Sequence[jax.Device] | None = None) -> ModelSharding:
+    if table.axis("pp") > 1:
+        raise RuleTableError(f"the rule table has pp={table.axis('pp')}: resolve it with build_pipeline "
+                             "(jaxpar.assembly.make_sharding does) into one sharding per stage")
+    plans = resolve_plans(table, cfg)
+    notes = tuple(rule_warnings(table, cfg, plans))
+    _warn(table, notes)
+    return _model_sharding(table, cfg, plans, notes, devices if devices is not None else jax.devices())
+
+
+def build_pipeline(table: RuleTable, cfg: ModelConfig,
+                   devices: Sequence[jax.Device] | None = None) -> PipelineSharding:
+    """One ModelSharding per pipeline stage: stage s gets layers `partition[s]` (in order)
+    and devices [s * n, (s + 1) * n) of `devices` (n = dp * tp), every stage's mesh of the
+    same shape; the embedding on stage 0, the final norm and LM head on the last."""
+    partition = stage_partition(table, cfg)
+    plans = resolve_plans(table, cfg, partition)
+    notes = tuple(rule_warnings(table, cfg, plans))
+    _warn(table, notes)
+    pp, tp, dp = table.axis("pp"), table.axis("tp"), table.axis("dp")
+    devices = list(devices if devices is not None else jax.devices())
+    n = tp * dp
+    if len(devices) < pp * n:
+        raise RuleTableError(f"the rule table needs pp * dp * tp = {pp} * {dp} * {tp} = {pp * n} devices, "
+                             f"but only {len(devices)} are available")
+    stages, start = [], 0
+    for s, count in enumerate(partition):
+        whole = _model_sharding(table, cfg, plans, notes, devices[s * n:(s + 1) * n])
+        owned = range(start, start + count)
+        stages.append(dataclasses.replace(
+            whole, layers=tuple(layer if i in owned else None for i, layer in enumerate(whole.layers)),
+            embed=whole.embed if s == 0 else None, head=whole.head if s == pp - 1 else None,
+            stage=s, num_stages=pp))
+        start += count
+    return PipelineSharding(stages=tuple(stages), partition=partition, plans=tuple(plans),
+                            table_name=table.name, rule_warnings=notes)
+
+
+def _model_sharding(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPlan],
+                    notes: tuple[str, ...], devices: Sequence[jax.Device]) -> ModelSharding:
     tp, dp = table.axis("tp"), table.axis("dp")
     labelled = [(p, p.groups(_labels(table, p))) for p in plans]
-    layout = build_mesh(tp, dp, [(p.block, g) for p, g in labelled],
-                        devices if devices is not None else jax.devices())
+    layout = build_mesh(tp, dp, [(p.block, g) for p, g in labelled], devices)
     mesh = layout.mesh
 
     def in_mesh_order(*axes: MeshAxes) -> MeshAxes:

@@ -3,10 +3,13 @@
 ```yaml
 parallelism_rules:
   axes: {tp: 8, attn_tp: 4, dcp: 2, ep: 8, dp: 1, pp: 1}
+  layer_partition: "15,15,15,15"   # only with pp > 1; omitted = as even as possible
   rules:
     - match: {kind: attention}
       plan: {tp_size: attn_tp, dcp_size: dcp}
 ```
+With `pp > 1` the layers are split into `pp` pipeline stages of consecutive layers, each on
+its own `dp * tp` devices; every rule applies inside a stage (`layers` are global indices).
 First matching rule wins; a block no rule matches gets plain TP over `tp`. A plan's
 `tp_size` is the number of devices the block runs on (the rest of the `tp` devices hold
 copies); for `kind: moe`, `ep_size` splits the experts among those devices. Everything that
@@ -85,6 +88,9 @@ class RuleTable:
     name: str = "custom"
     # Presets are written for every model: their rules on kinds a model lacks are no news.
     preset: bool = False
+    # Layers per pipeline stage (pp parts, each >= 1); None = as even as possible
+    # (`jaxpar.sharding.resolve.stage_partition` checks it against the model).
+    layer_partition: tuple[int, ...] | None = None
 
     def axis(self, name: str) -> int:
         return dict(self.axes)[name]
@@ -114,15 +120,24 @@ def _int_axis(name: str, value: Any) -> int:
     return value
 
 
-def _parse_axes(raw: Any) -> tuple[tuple[str, int], ...]:
+def _parse_axes(raw: Any, devices: int | None = None) -> tuple[tuple[str, int], ...]:
+    """`devices`: how many devices the table is for, if known; with pp (or dp) given and tp
+    omitted, tp is what is left per stage: devices / (pp * dp)."""
     if not isinstance(raw, Mapping):
         raise RuleTableError(f"'axes' must be a mapping of axis sizes, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(AXIS_NAMES))
     if unknown:
         raise RuleTableError(f"unknown axis name(s) {unknown} in 'axes' (known: {', '.join(AXIS_NAMES)})")
-    if "tp" not in raw:
-        raise RuleTableError("'axes' must give tp (the tensor-parallel size)")
     axes = {name: _int_axis(name, raw[name]) for name in raw}
+    if "tp" not in raw:
+        if devices is None or "pp" not in raw:
+            raise RuleTableError("'axes' must give tp (the tensor-parallel size; it may be left out "
+                                 "only beside pp, when the device count is known)")
+        pp, dp = axes["pp"], axes.get("dp", 1)
+        if devices % (pp * dp):
+            raise RuleTableError(f"axes: pp={pp} (times dp={dp}) does not divide the {devices} devices, "
+                                 "so the stages cannot have equal device counts")
+        axes["tp"] = devices // (pp * dp)
     tp = axes["tp"]
     axes.setdefault("attn_tp", tp // axes.get("dcp", 1) if tp % axes.get("dcp", 1) == 0 else tp)
     axes.setdefault("dcp", 1)
@@ -133,8 +148,6 @@ def _parse_axes(raw: Any) -> tuple[tuple[str, int], ...]:
         raise RuleTableError(
             f"axes: tp must equal attn_tp * dcp, but tp={tp}, attn_tp={axes['attn_tp']}, "
             f"dcp={axes['dcp']} (attn_tp * dcp = {axes['attn_tp'] * axes['dcp']})")
-    if axes["pp"] != 1:
-        raise RuleTableError(f"axes: pp={axes['pp']}: pipeline parallelism is not implemented yet; use pp: 1")
     if (tp * axes["dp"]) % axes["ep"]:
         raise RuleTableError(f"axes: ep={axes['ep']} must divide tp * dp = {tp * axes['dp']}")
     return tuple((n, axes[n]) for n in AXIS_NAMES)
@@ -215,7 +228,36 @@ def _parse_plan(raw: Any, axes: dict[str, int], where: str) -> PlanSpec:
     return PlanSpec(**values, keys=tuple(sorted(raw)), axis_refs=tuple(refs))
 
 
-def parse_rule_table(raw: Any, name: str = "custom", *, is_preset: bool = False) -> RuleTable:
+def _parse_partition(raw: Any, pp: int) -> tuple[int, ...] | None:
+    """`layer_partition`: "15,15,15,15" or [15, 15, 15, 15], one part per stage, each >= 1
+    (its sum is checked against the model's layer count when the table is resolved)."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            parts = [int(p) for p in raw.replace(" ", "").split(",")]
+        except ValueError:
+            raise RuleTableError(f"layer_partition {raw!r} is not a comma-separated list of layer "
+                                 "counts like '15,15,15,15'") from None
+    elif isinstance(raw, (list, tuple)) and all(isinstance(p, int) and not isinstance(p, bool) for p in raw):
+        parts = list(raw)
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        parts = [raw]
+    else:
+        raise RuleTableError(f"layer_partition must be a list of layer counts or a string like "
+                             f"'15,15,15,15', got {raw!r}")
+    if len(parts) != pp:
+        raise RuleTableError(f"layer_partition {','.join(map(str, parts))} has {len(parts)} part(s), "
+                             f"but axes.pp={pp} (one part per pipeline stage)")
+    empty = [s for s, n in enumerate(parts) if n < 1]
+    if empty:
+        raise RuleTableError(f"layer_partition {','.join(map(str, parts))}: stage {empty[0]} has "
+                             f"{parts[empty[0]]} layers; every pipeline stage needs at least 1")
+    return tuple(parts)
+
+
+def parse_rule_table(raw: Any, name: str = "custom", *, is_preset: bool = False,
+                     devices: int | None = None) -> RuleTable:
     if isinstance(raw, Mapping) and "parallelism_rules" in raw:
         extra = sorted(set(raw) - {"parallelism_rules"})
         if extra:
@@ -223,12 +265,14 @@ def parse_rule_table(raw: Any, name: str = "custom", *, is_preset: bool = False)
         raw = raw["parallelism_rules"]
     if not isinstance(raw, Mapping):
         raise RuleTableError(f"a rule table must be a mapping with 'axes' and 'rules', got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"axes", "rules"})
+    unknown = sorted(set(raw) - {"axes", "rules", "layer_partition"})
     if unknown:
-        raise RuleTableError(f"unknown key(s) {unknown} in the rule table (expected 'axes' and 'rules')")
+        raise RuleTableError(f"unknown key(s) {unknown} in the rule table (expected 'axes', 'rules' "
+                             "and, with pp, 'layer_partition')")
     if "axes" not in raw:
         raise RuleTableError("the rule table has no 'axes' block")
-    axes = _parse_axes(raw["axes"])
+    axes = _parse_axes(raw["axes"], devices)
+    partition = _parse_partition(raw.get("layer_partition"), dict(axes)["pp"])
     rules_raw = raw.get("rules") or []
     if not isinstance(rules_raw, list):
         raise RuleTableError(f"'rules' must be a list, got {type(rules_raw).__name__}")
@@ -243,7 +287,7 @@ def parse_rule_table(raw: Any, name: str = "custom", *, is_preset: bool = False)
         if "match" not in r or "plan" not in r:
             raise RuleTableError(f"{where}: needs both 'match' and 'plan'")
         rules.append(Rule(i, _parse_match(r["match"], where), _parse_plan(r["plan"], dict(axes), where)))
-    return RuleTable(axes=axes, rules=tuple(rules), name=name, preset=is_preset)
+    return RuleTable(axes=axes, rules=tuple(rules), name=name, preset=is_preset, layer_partition=partition)
 
 
 # --------------------------------------------------------------------------- presets
@@ -287,7 +331,7 @@ def load_rule_table(policy: "str | Path | Mapping[str, Any] | RuleTable | None",
     if isinstance(policy, RuleTable):
         return policy
     if isinstance(policy, Mapping):
-        return parse_rule_table(policy)
+        return parse_rule_table(policy, devices=devices)
     text = str(policy)
     if text in PRESETS:
         return preset(text, devices)
@@ -299,5 +343,5 @@ def load_rule_table(policy: "str | Path | Mapping[str, Any] | RuleTable | None",
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise RuleTableError(f"policy file {path} is not valid YAML: {e}") from e
-        return parse_rule_table(raw, name=path.stem)
+        return parse_rule_table(raw, name=path.stem, devices=devices)
     return preset(text, devices)  # raises with the list of presets
