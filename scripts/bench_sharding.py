@@ -54,6 +54,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# The HLO reading (collectives counted in the dtypes the program moves, group sizes) and the
+# ring model of wire bytes live in the library.
+from jaxpar.sharding.collectives import CollectiveOp as Op  # noqa: E402,F401
+from jaxpar.sharding.collectives import collective_ops, group_size  # noqa: E402,F401
+from jaxpar.sharding.collectives import ring_wire_bytes as wire_bytes  # noqa: E402
+
 # --------------------------------------------------------------------------- policies
 
 ATTN = {"kind": "attention"}
@@ -109,25 +115,6 @@ class Term:
     kind: str  # all-reduce / all-gather / reduce-scatter
     result_bytes: int
     group: int
-
-
-def wire_bytes(kind: str, result_bytes: float, group: int) -> float:
-    """Bytes one device sends for a collective under the ring algorithm.
-
-    all-reduce of S bytes: reduce-scatter + all-gather = 2 (n-1)/n S.
-    all-gather with result S: (n-1)/n S.  reduce-scatter with result S (input n S): (n-1) S.
-    all-to-all of S: (n-1)/n S.  collective-permute of S: S.
-    """
-    n = max(int(group), 1)
-    if n == 1:
-        return 0.0 if kind != "collective-permute" else float(result_bytes)
-    if kind == "all-reduce":
-        return 2 * (n - 1) / n * result_bytes
-    if kind in ("all-gather", "all-to-all"):
-        return (n - 1) / n * result_bytes
-    if kind == "reduce-scatter":
-        return (n - 1) * result_bytes
-    return float(result_bytes)
 
 
 def analytic_collectives(cfg, plans: Sequence[Any], *, devices: int, batch: int, seq: int,
@@ -260,60 +247,8 @@ def summarize(terms: Iterable[Term]) -> dict[str, dict[str, float]]:
 
 # --------------------------------------------------------------------------- HLO reading
 
-_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=")
-_GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\})")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=")
-
-
-def group_size(line: str, num_devices: int) -> int:
-    """Devices per group of a collective, from its `replica_groups` (all three HLO spellings:
-    mesh[...] {axes}, iota [groups, size]<=[...], explicit {{...},...}); all devices if absent."""
-    m = _GROUPS_MESH.search(line)
-    if m:
-        sizes = {k.strip().strip("'"): int(v) for k, v in
-                 (kv.split("=") for kv in m.group(1).split(",") if "=" in kv)}
-        axes = [a.strip().strip("'") for a in m.group(2).split(",") if a.strip()]
-        return math.prod(sizes[a] for a in axes) if axes else 1
-    m = _GROUPS_IOTA.search(line)
-    if m:
-        return int(m.group(1).split(",")[-1])
-    m = _GROUPS_LIST.search(line)
-    if m:
-        return len([x for x in m.group(1).strip("{}").split(",") if x])
-    return num_devices
-
-
-@dataclasses.dataclass
-class Op:
-    name: str
-    kind: str
-    result_bytes: int
-    group: int
-    op_name: str  # jax metadata: where in the program the op comes from
-
-
-def collective_ops(hlo: str, num_devices: int) -> list[Op]:
-    """Each collective op in compiled HLO, sized exactly as plan_report sizes it (the line
-    goes through `jaxpar.sharding.inspect.collective_stats`), plus its group size."""
-    from jaxpar.sharding.inspect import COLLECTIVES, collective_stats
-
-    ops = []
-    for line in hlo.splitlines():
-        if not any(k in line for k in COLLECTIVES):
-            continue
-        stats = collective_stats(line)
-        if not stats:
-            continue
-        (kind, s), = stats.items()
-        name = _INSTR.match(line)
-        meta = _OP_NAME.search(line)
-        ops.append(Op(name.group(1) if name else "?", kind, s.bytes, group_size(line, num_devices),
-                      meta.group(1) if meta else ""))
-    return ops
-
-
 _RESULT_SHAPE = re.compile(r"=\s*([a-z]+\d*)\[([\d,]*)\]")
 
 
@@ -467,38 +402,36 @@ def decode_throughput(model, batch: int, *, prompt_len: int, new_tokens: int, re
 
 
 class _HloCapture:
-    """Keeps the HLO texts `plan_report` compiles (it passes each to `collective_stats`),
-    so the notes read the very programs whose collectives were counted."""
+    """Keeps the programs `plan_report` compiles (it passes each through
+    `compiled_collectives`): their compiled HLO text and their collectives, so the notes read
+    the very programs whose collectives were counted."""
 
     def __init__(self):
         self.texts: list[str] = []
+        self.ops: list[list[Op]] = []
 
     def __enter__(self):
         from jaxpar.sharding import inspect as ins
 
-        self._ins, self._orig = ins, ins.collective_stats
+        self._ins, self._orig = ins, ins.compiled_collectives
 
-        def capture(hlo_text: str):
-            self.texts.append(hlo_text)
-            return self._orig(hlo_text)
+        def capture(lowered, num_devices, compiler_options=None):
+            compiled, ops = self._orig(lowered, num_devices, compiler_options)
+            self.texts.append(compiled.as_text())
+            self.ops.append(ops)
+            return compiled, ops
 
-        ins.collective_stats = capture
+        ins.compiled_collectives = capture
         return self
 
     def __exit__(self, *exc):
-        self._ins.collective_stats = self._orig
+        self._ins.compiled_collectives = self._orig
 
-    def by_step(self) -> dict[str, str]:
-        out = {}
-        for text in self.texts:
-            head = text[:300]
-            if "_prefill" in head:
-                out["prefill"] = text
-            elif "_decode" in head:
-                out["decode"] = text
-        if len(out) < 2 and len(self.texts) == 2:  # fall back on the order step_collectives uses
-            out = {"prefill": self.texts[0], "decode": self.texts[1]}
-        return out
+    def by_step(self) -> dict[str, tuple[str, list[Op]]]:
+        """{step: (compiled HLO text, collectives)} in the order step_collectives compiles."""
+        if len(self.texts) != 2:
+            return {}
+        return {"prefill": (self.texts[0], self.ops[0]), "decode": (self.texts[1], self.ops[1])}
 
 
 def _kind_table(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -538,7 +471,7 @@ def bench_policy(name: str, policy, model_path: Path, args, all_devices) -> dict
     if args.hlo_dir:
         d = Path(args.hlo_dir)
         d.mkdir(parents=True, exist_ok=True)
-        for step, text in hlo.items():
+        for step, (text, _) in hlo.items():
             (d / f"{name}.{step}.hlo.txt").write_text(text)
 
     for step, stats in (("decode", rep.decode_collectives), ("prefill", rep.prefill_collectives)):
@@ -547,8 +480,7 @@ def bench_policy(name: str, policy, model_path: Path, args, all_devices) -> dict
                                      seq=rep.seq, decode=step == "decode", itemsize=itemsize,
                                      replicas=replicas)
         analytic = summarize(terms)
-        text = hlo.get(step, "")
-        ops = collective_ops(text, n_dev) if text else []
+        text, ops = hlo.get(step, ("", []))
         m_total = sum(v["bytes"] for v in measured.values())
         a_total = sum(v["bytes"] for v in analytic.values())
         m_wire = sum(wire_bytes(o.kind, o.result_bytes, o.group) for o in ops)

@@ -4,16 +4,14 @@ Per block: the plan and the rule that chose it; the rules that change nothing fo
 model; per parameter: its PartitionSpec and bytes per device; the KV-cache bytes per
 device; and the collectives (count and bytes by kind) of one prefill and one decode step,
 read from the compiled HLO of the very programs generation runs
-(`jaxpar.generate.model_programs`). This module sits above the models (beside
-`jaxpar.generate`), not with the rest of `jaxpar.sharding`.
+(`jaxpar.generate.model_programs`), in the dtypes they move (`jaxpar.sharding.collectives`).
+This module sits above the models (beside `jaxpar.generate`), not with the rest of
+`jaxpar.sharding`.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,14 +25,9 @@ from jaxpar.config import ModelConfig
 from jaxpar.generate import model_programs
 from jaxpar.models.decoder import cache_shapes
 from jaxpar.models.options import RuntimeOptions
+from jaxpar.sharding.collectives import (COLLECTIVES, CollectiveStats, collective_stats,  # noqa: F401
+                                         compiled_collectives, summarize)
 from jaxpar.sharding.model_sharding import ModelSharding
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
-                "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2}
-_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64|u64|s16|u16)\[([\d,]*)\]")
-_OP = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-
 
 @dataclasses.dataclass
 class ParamReport:
@@ -52,12 +45,6 @@ class BlockReport:
     layer: int | None
     rule: int | None
     plan: str
-
-
-@dataclasses.dataclass
-class CollectiveStats:
-    count: int = 0
-    bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -102,22 +89,6 @@ def _bytes_per_device(aval: jax.ShapeDtypeStruct) -> int:
     return int(np.prod(shard, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize
 
 
-def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
-    """Counts collectives in compiled HLO text, with the bytes of their results."""
-    stats: dict[str, CollectiveStats] = collections.defaultdict(CollectiveStats)
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if not m or "-done" in line.split("=")[0]:
-            continue
-        result = line.split("=", 1)[1].split(m.group(1), 1)[0]
-        nbytes = sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-                     for d, dims in _SHAPE.findall(result))
-        s = stats[m.group(1)]
-        s.count += 1
-        s.bytes += nbytes
-    return dict(stats)
-
-
 def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: int, seq: int,
                      options: RuntimeOptions = RuntimeOptions()):
     """Compiles generation's prefill (`seq` tokens) and decode programs on abstract inputs;
@@ -132,10 +103,12 @@ def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: in
     def arr(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
 
-    pre_hlo = prefill.lower(leaves, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
-                            cache).compile().as_text()
-    dec_hlo = decode.lower(leaves, arr((batch,), jnp.int32), cache).compile().as_text()
-    return collective_stats(pre_hlo), collective_stats(dec_hlo)
+    n = sharding.mesh.size
+    # Counted in the dtypes the program moves (XLA:CPU promotes bf16 collectives to f32).
+    _, pre = compiled_collectives(prefill.lower(leaves, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
+                                                cache), n)
+    _, dec = compiled_collectives(decode.lower(leaves, arr((batch,), jnp.int32), cache), n)
+    return summarize(pre), summarize(dec)
 
 
 def plan_report(cfg: ModelConfig, sharding: ModelSharding, *, batch: int = 1, seq: int = 128,
