@@ -1,4 +1,4 @@
-"""`jaxpar` command line: generate, plan, convert."""
+"""`jaxpar` command line: generate, plan, convert, experiment, train."""
 
 from __future__ import annotations
 
@@ -90,12 +90,20 @@ def _add_convert(sub) -> None:
     add_convert_parser(sub)
 
 
+def _add_experiment(sub) -> None:
+    """`jaxpar experiment SPEC --out DIR` (jaxpar/experiment/cli.py)."""
+    from jaxpar.experiment.cli import add_experiment_parser
+
+    add_experiment_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
     _add_convert(sub)
+    _add_experiment(sub)
     return parser
 
 
