@@ -134,3 +134,28 @@ def inference_step(cfg: ModelConfig, sharding: ModelSharding, dtype, *, mode: st
         fn = jax.jit(functools.partial(_decode, graphdef), donate_argnums=2)
         lowered = fn.lower(state, arr((batch,)), cache)
     return compile_costs(lowered, sharding.mesh.size), cache
+
+
+def train_step(cfg: ModelConfig, sharding: ModelSharding, dtype, *, batch: int, seq: int,
+               remat: tuple[str, ...] = (), zero1: bool = False) -> tuple[CompiledCosts, Any, Any]:
+    """Compiles one training step (loss, gradients, AdamW update) abstractly; returns (its
+    costs, the abstract parameters, the abstract optimizer state)."""
+    from jaxpar.training.data import Batch
+    from jaxpar.training.optimizer import OptimizerConfig, make_optimizer
+    from jaxpar.training.step import model_graph, optimizer_shardings, train_step as step_fn
+
+    graphdef = model_graph(cfg, sharding, dtype, remat=remat, kernel_impl="reference")
+    _, params = abstract_model(cfg, sharding, dtype, REFERENCE)
+    tx, _ = make_optimizer(OptimizerConfig())
+    shardings = optimizer_shardings(tx, params, zero1=zero1)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(tx.init, params), shardings)
+    mesh = sharding.mesh
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("dp") if mesh.shape.get("dp", 1) > 1
+                                      else jax.sharding.PartitionSpec())
+    data = Batch(inputs=jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=rows),
+                 targets=jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=rows),
+                 weights=jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=rows),
+                 lengths=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows))
+    fn = jax.jit(functools.partial(step_fn, graphdef, tx), donate_argnums=(0, 1))
+    return compile_costs(fn.lower(params, opt_state, data), mesh.size), params, opt_state

@@ -57,11 +57,12 @@ def markdown(results: dict[str, Any]) -> str:
              "needs (jaxpar.experiment.cost_model); *compiled*: what XLA:CPU reports for jaxpar's program "
              "(reference kernels, float32 copies of bf16 operands). Communication is read from the compiled "
              "program in both.", ""]
+    inference = any(m in results["modes"] for m in ("prefill", "extend", "decode"))
     head = ("| policy | devices | mesh | batch | params GiB | cache GiB | temp GiB (XLA:CPU) | fits | "
             "TTFT ms ideal | TTFT ms compiled | TPOT ms ideal | TPOT ms compiled | tok/s/device ideal | "
             "bound prefill/decode | comm / min (decode) |")
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for row in rows:
+    lines += [head, "|" + "---|" * (head.count("|") - 1)] if inference else []
+    for row in rows if inference else []:
         label = _label(row, rows)
         if "error" in row:
             lines.append(f"| {label} | - | - | - | - | - | - | error | {row['error']} | | | | | | |")
@@ -77,6 +78,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_gib(mem['cache_bytes'])} | {_gib(temp)} | {mem['fits']} | {_ms(ideal.get('ttft_s'))} | "
             f"{_ms(comp.get('ttft_s'))} | {_ms(ideal.get('tpot_s'))} | {_ms(comp.get('tpot_s'))} | "
             f"{'-' if tps is None else f'{tps:,.0f}'} | {_bounds(row)} | {_comm_ratio(row, 'decode')} |")
+    train_rows = [r for r in rows if "train" in r]
+    if train_rows:
+        lines += ["", "Training step (AdamW; parameters and optimizer state in the spec's dtype):", "",
+                  "| policy | batch x seq | remat | optimizer | params GiB | optimizer GiB | temp GiB (XLA:CPU) | "
+                  "fits | step ms ideal | step ms compiled | tokens/s/device ideal |",
+                  "|" + "---|" * 11]
+        for r in train_rows:
+            t = r["train"]
+            if "error" in t:
+                lines.append(f"| {_label(r, rows)} | {t['error']} |" + " |" * 9)
+                continue
+            m = t["memory"]
+            lines.append(
+                f"| {_label(r, rows)} | {t['batch']} x {t['seq']} | {', '.join(t['remat']) or '-'} | "
+                f"{t['optimizer_sharding']} | {_gib(m['param_bytes'])} | {_gib(m['optimizer_bytes'])} | "
+                f"{_gib(m['temp_bytes'])} | {m['fits']} | {_ms(t['roofline']['time_s'])} | "
+                f"{_ms(t['roofline_compiled']['time_s'])} | {t['tokens_per_s_per_device']:,.0f} |")
     notes = [f"- {_label(r, rows)}: {r['note']}" for r in rows if r.get("note")]
     if any(r.get("stages", 1) > 1 for r in rows if "error" not in r):
         notes.append(f"- pipelines: {next(r['pipeline_formula'] for r in rows if r.get('pipeline_formula'))}")
@@ -176,6 +194,31 @@ def plot_comm(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_train_memory(results: dict[str, Any], path: Path) -> Path:
+    plt = require_matplotlib()
+    rows = [r for r in results["rows"] if "error" not in r and "error" not in r.get("train", {"error": 1})]
+    labels = [_label(r, rows) for r in rows]
+    parts = [("param_bytes", "parameters"), ("optimizer_bytes", "optimizer state"),
+             ("temp_bytes", "temporaries: activations, gradients (XLA:CPU)")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    x = list(range(len(rows)))
+    bottom = [0.0] * len(rows)
+    for key, name in parts:
+        values = [r["train"]["memory"][key] / 2**30 for r in rows]
+        ax.bar(x, values, bottom=bottom, label=name, alpha=0.6 if key == "temp_bytes" else 1.0)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    cap = results["hardware"]["hbm_bytes"] / 2**30
+    ax.axhline(cap, color="k", linestyle="--", linewidth=1, label=f"HBM ({cap:.0f} GiB)")
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("GiB per device")
+    ax.set_title(f"{results['spec']}: training memory per device ({results['hardware']['name']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -191,9 +234,11 @@ def write_report(results: dict[str, Any], out: str | Path, *, plots: bool = True
     files = {"json": out / "results.json", "markdown": out / "results.md"}
     _atomic_write(files["json"], json.dumps(results, indent=1, default=str))
     _atomic_write(files["markdown"], markdown(results))
-    if plots and any("error" not in r for r in results["rows"]):
+    ok = [r for r in results["rows"] if "error" not in r]
+    if plots and ok and any(m in results["modes"] for m in ("prefill", "extend", "decode")):
         files["memory_plot"] = plot_memory(results, out / "memory.png")
         files["latency_plot"] = plot_latency(results, out / "latency.png")
-        if any(m in results["modes"] for m in ("prefill", "extend", "decode")):
-            files["comm_plot"] = plot_comm(results, out / "comm.png")
+        files["comm_plot"] = plot_comm(results, out / "comm.png")
+    if plots and any("error" not in r.get("train", {"error": 1}) for r in ok):
+        files["train_memory_plot"] = plot_train_memory(results, out / "memory_train.png")
     return files

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxpar.config import ModelConfig
 from jaxpar.experiment import comm_model, roofline as rl
-from jaxpar.experiment.analysis import CompiledCosts, inference_step, local_bytes
+from jaxpar.experiment.analysis import CompiledCosts, inference_step, local_bytes, train_step
 from jaxpar.experiment.cost_model import step_cost
 from jaxpar.experiment.models import even_partition, load_model_config, slice_layers
 from jaxpar.experiment.spec import ExperimentSpec, PolicySpec, SpecError, WorkloadSpec
@@ -196,7 +196,43 @@ def run_combination(spec: ExperimentSpec, model_name: str, cfg: ModelConfig, pol
     row.update(_summarise(row, stages, infos, modes, hw, capacity, itemsize, cfg, batch, prompt, chunk,
                           policy))
     row["stage_details"] = list(seen.values())
+    if "train" in spec.modes:
+        if policy.pipeline is not None:
+            row["train"] = {"error": "training through a pipeline is not modelled"}
+        else:
+            row["train"] = _train_analysis(spec, cfg, stages[0].sharding, dtype, capacity, total)
     return row
+
+
+def _train_analysis(spec: ExperimentSpec, cfg: ModelConfig, sharding: ModelSharding, dtype, capacity: float,
+                    devices: int) -> dict[str, Any]:
+    """Memory (parameters, optimizer state, temporaries incl. activations) and roofline step
+    time of one AdamW training step."""
+    t = spec.train
+    batch = _round_up(t.batch, sharding.batch_multiple)
+    seq = _round_up(t.seq, sharding.seq_multiple)
+    remat = tuple(k for k, on in t.remat if on)
+    t0 = time.perf_counter()
+    costs, params, opt_state = train_step(cfg, sharding, dtype, batch=batch, seq=seq, remat=remat,
+                                          zero1=t.optimizer_sharding == "zero1")
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    param_bytes, opt_bytes = local_bytes(params), local_bytes(opt_state)
+    remat_blocks = sum(k in remat for k in cfg.layer_types) + sum(k in remat for k in cfg.mlp_types)
+    ideal = step_cost(cfg, sharding, params, None, batch=batch, tokens=seq, context=0, mode="train",
+                      itemsize=dtype.itemsize, remat_blocks=remat_blocks, optimizer_bytes=opt_bytes)
+    collectives = _collective_rows(costs)
+    hw = spec.hardware
+    ideal_rl = rl.roofline(ideal.flops, ideal.bytes, collectives, hw, dtype.name)
+    compiled_rl = rl.roofline(costs.flops, costs.bytes_accessed, collectives, hw, dtype.name)
+    fits = "no" if param_bytes + opt_bytes > capacity else (
+        "yes" if param_bytes + opt_bytes + costs.temp_bytes <= capacity else "no (XLA:CPU temp)")
+    return {"batch": batch, "seq": seq, "remat": list(remat), "optimizer_sharding": t.optimizer_sharding,
+            "memory": {"param_bytes": param_bytes, "optimizer_bytes": opt_bytes, "temp_bytes": costs.temp_bytes,
+                       "peak_bytes": param_bytes + opt_bytes + costs.temp_bytes, "fits": fits},
+            "compiled": costs.to_json(), "ideal": {"flops": ideal.flops, "bytes": ideal.bytes, **ideal.terms},
+            "collectives": {k: dataclasses.asdict(v) for k, v in summarize(costs.collectives).items()},
+            "roofline": ideal_rl.to_json(), "roofline_compiled": compiled_rl.to_json(),
+            "tokens_per_s_per_device": batch * seq / ideal_rl.time_s / devices}
 
 
 def _analyse_stage(spec, stage: _Stage, modes, compiled, workload, *, batch, prompt, chunk, cache_len,
