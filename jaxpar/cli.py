@@ -97,6 +97,13 @@ def _add_experiment(sub) -> None:
     add_experiment_parser(sub)
 
 
+def _add_train(sub) -> None:
+    """`jaxpar train MODEL --data TEXT --out DIR` (jaxpar/training/cli.py)."""
+    from jaxpar.training.cli import add_train_parser
+
+    add_train_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_convert(sub)
     _add_experiment(sub)
+    _add_train(sub)
     return parser
 
 

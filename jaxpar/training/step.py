@@ -53,7 +53,7 @@ def train_step(graphdef, tx: optax.GradientTransformation, params, opt_state, ba
     (loss, count), grads = grads_fn(graphdef, params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    return params, opt_state, {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
 
 
 def _zero1(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
