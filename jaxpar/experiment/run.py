@@ -320,6 +320,7 @@ def run_experiment(spec: ExperimentSpec, *, progress: Callable[[str], None] | No
     t_start = time.perf_counter()
     for m in spec.models:
         cfg = load_model_config(m.ref, dict(m.overrides), spec.base_dir)
+        spec.hardware.flops(_dtype_name(spec, cfg))  # the roofline needs the dtype's peak: check first
         for policy in spec.policies:
             for workload in spec.workloads:
                 t0 = time.perf_counter()
