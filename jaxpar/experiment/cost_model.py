@@ -26,7 +26,8 @@ HBM bytes per device
 * KV cache: the context read (decode, extend) and the new tokens written; Gated DeltaNet
   conv + recurrent state read and written (written only, at prefill);
 * activations: per block, the residual stream read and written twice (norm in, block in,
-  block out, residual add) plus the block's intermediates in and out; f32 logits written;
+  block out, residual add; a sequence-parallel block's share of the tokens) plus the block's
+  intermediates in and out; f32 logits written;
 * train: weights read 3x and written once, gradients written and read, optimizer state read
   and written, activations saved by the forward and read by the backward.
 """
@@ -154,8 +155,12 @@ def step_cost(cfg: ModelConfig, sharding: ModelSharding, state, cache, *, batch:
         if cfg.mlp_types[i] == "mlp" or cfg.shared_expert_intermediate_size:
             size = cfg.intermediate_size if cfg.mlp_types[i] == "mlp" else cfg.shared_expert_intermediate_size
             width += 3 * size / ls.ffn.size("ffn")
-        # residual stream in and out around both blocks, and the blocks' intermediates
-        add(nbytes, "activations", 4 * (mixer_rows + ffn_rows) * tokens * e * itemsize)
+        # residual stream in and out around both blocks (under sequence parallelism each
+        # device holds 1/n of the tokens: norms and residual adds run on its shard), and the
+        # blocks' intermediates
+        seq_split = 1 if mode == "decode" else ls.mixer.size("residual_seq")
+        ffn_split = 1 if mode == "decode" else ls.ffn.size("residual_seq")
+        add(nbytes, "activations", 4 * (mixer_rows / seq_split + ffn_rows / ffn_split) * tokens * e * itemsize)
         add(nbytes, "activations", 2 * ffn_tokens * width * itemsize)
 
     tied = cfg.tie_word_embeddings  # the head multiplies by the embedding matrix
