@@ -306,7 +306,7 @@ def bench_policy(name: str, policy, model_path: Path, args, all_devices) -> dict
     import numpy as np
 
     import jaxpar
-    from jaxpar.api import make_sharding, open_config, resolve_dtype
+    from jaxpar.assembly import make_sharding, open_config, resolve_dtype
     from jaxpar.sharding.inspect import plan_report
 
     row: dict[str, Any] = {"policy": name, "table": policy}

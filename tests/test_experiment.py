@@ -16,7 +16,7 @@ from jaxpar.experiment.models import apply_overrides, load_model_config, shipped
 from jaxpar.experiment.report import write_report
 from jaxpar.experiment.run import run_experiment
 from jaxpar.experiment.spec import SpecError, load_spec, parse_spec
-from jaxpar.sharding.inspect import abstract_model
+from jaxpar.assembly import abstract_model
 from jaxpar.sharding.resolve import build_sharding
 from jaxpar.sharding.rules import preset
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpar.api import make_sharding
+from jaxpar.assembly import make_sharding
 from jaxpar.config import config_from_hf_dict
 from jaxpar.training import Batch, OptimizerConfig, Trainer, causal_lm_loss, init_params, train
 from jaxpar.training.data import windows, TextDataset

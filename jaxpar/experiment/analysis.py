@@ -34,7 +34,7 @@ from jaxpar.experiment.hlo_cost import loop_dot_flops
 from jaxpar.models.decoder import cache_shapes
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.sharding.collectives import CollectiveOp, compiled_collectives
-from jaxpar.sharding.inspect import abstract_model
+from jaxpar.assembly import abstract_model
 from jaxpar.sharding.model_sharding import ModelSharding
 
 INFERENCE_MODES = ("prefill", "extend", "decode")

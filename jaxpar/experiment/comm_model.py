@@ -53,8 +53,9 @@ def analytic_collectives(cfg, plans: Sequence[Any], *, devices: int, batch: int,
     * linear attention (Gated DeltaNet), t > 1: all-reduce(act) after the row-parallel
       out_proj (nothing inside the mixer: it is split by key-head groups).
     * mlp, t > 1: all-reduce(act) after the row-parallel down_proj.
-    * moe over ep * t > 1 devices: one all-reduce(act) summing the ranks' expert outputs (the
-      shared expert's partial sums can join the same reduction).
+    * moe over its t > 1 devices (ep_size splits the experts among them, each expert's ffn
+      split t / ep ways): one all-reduce(act) summing the ranks' expert outputs (the shared
+      expert's partial sums can join the same reduction).
     * SP (not at decode, T = 1): a block with `sp` ends with reduce-scatter(act/t) instead of
       all-reduce(act) and leaves the residual sequence-sharded; a block entered with a
       sequence-sharded residual first all-gathers it (result act, over the tp devices).
@@ -121,17 +122,15 @@ def analytic_collectives(cfg, plans: Sequence[Any], *, devices: int, batch: int,
             if a > 1:
                 terms.append(Term(f"{where}: attention-DP gather of the output", "all-gather", act, a))
         else:
-            group = t * (p.ep_size if p.kind == "moe" else 1)
             proj = {"mlp": "down_proj", "moe": "expert sum", "linear_attention": "out_proj"}[p.kind]
-            if group > 1:
+            if t > 1:
                 if sp:
-                    terms.append(Term(f"{where}: {proj} (reduce-scatter)", "reduce-scatter", act // group, group))
+                    terms.append(Term(f"{where}: {proj} (reduce-scatter)", "reduce-scatter", act // t, t))
                 else:
-                    terms.append(Term(f"{where}: {proj}", "all-reduce", act, group))
+                    terms.append(Term(f"{where}: {proj}", "all-reduce", act, t))
         # the residual leaves sequence-sharded only from a reduce-scatter (a replicated or
         # DP-gathered output stays replicated: no point in slicing it to gather it again)
-        width = t * (p.ep_size if p.kind == "moe" else 1)
-        sharded = sp and width > 1 and not (p.kind == "attention" and p.dp_size > 1)
+        sharded = sp and t > 1 and not (p.kind == "attention" and p.dp_size > 1)
     return terms
 
 

@@ -27,7 +27,7 @@ from jaxpar.experiment.cost_model import step_cost
 from jaxpar.experiment.models import even_partition, load_model_config, slice_layers
 from jaxpar.experiment.spec import ExperimentSpec, PolicySpec, SpecError, WorkloadSpec
 from jaxpar.sharding.collectives import ring_wire_bytes, summarize
-from jaxpar.sharding.inspect import abstract_model
+from jaxpar.assembly import abstract_model
 from jaxpar.sharding.model_sharding import ModelSharding
 from jaxpar.sharding.resolve import build_sharding
 from jaxpar.sharding.rules import RuleTable, load_rule_table

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpar.config import ModelConfig
-from jaxpar.sharding.inspect import abstract_model
+from jaxpar.assembly import abstract_model
 from jaxpar.sharding.model_sharding import ModelSharding
 
 

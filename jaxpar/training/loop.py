@@ -51,13 +51,13 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, steps: int, p
           progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Trains `model` (HF folder, GGUF, Orbax checkpoint or alias) on the text file `data`
     until the state reaches `steps` steps. Returns what this call did."""
-    import jaxpar
+    from jaxpar.api import load
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     out, data = Path(out), Path(data)
     optimizer = optimizer or OptimizerConfig(total_steps=steps)
-    loaded = jaxpar.load(model, dtype=dtype, policy=policy, devices=devices, progress=progress)
+    loaded = load(model, dtype=dtype, policy=policy, devices=devices, progress=progress)
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: training on text needs one")
     dataset = TextDataset.from_file(data, loaded.tokenizer, seq, seed=seed)
