@@ -101,7 +101,7 @@ def test_compile_only_1b_on_8_devices(one_b_results):
     assert tp8["predicted"]["ttft_s"] > tp8["predicted"]["tpot_s"] > 0
     # a 2-stage pipeline: each stage holds one layer, the first the embedding (tied: the last too)
     pp = rows["pp2-tp4"]
-    assert pp["stage_layers"] == [1, 1] and pp["devices"] == 8
+    assert pp["stage_layers"] == [1, 1] and pp["devices"] == 8 and pp["stage_of"] == [0, 1]
     assert "ttft_s" in pp["predicted"] and pp["pipeline_formula"]
 
 

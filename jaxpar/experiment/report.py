@@ -171,6 +171,12 @@ def plot_latency(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _along_stages(row: dict[str, Any], mode: str, key: str) -> float:
+    """A step's per-device quantity summed over the stages a token crosses."""
+    details = row["stage_details"]
+    return sum(details[i]["modes"][mode][key] for i in row.get("stage_of", range(len(details))))
+
+
 def plot_comm(results: dict[str, Any], path: Path) -> Path:
     plt = require_matplotlib()
     rows = [r for r in results["rows"] if "error" not in r]
@@ -180,12 +186,12 @@ def plot_comm(results: dict[str, Any], path: Path) -> Path:
     labels = [_label(r, rows) for r in rows]
     x = list(range(len(rows)))
     for ax, mode in zip(axes[0], modes):
-        meas = [sum(s["modes"][mode]["collective_wire_bytes"] for s in r["stage_details"]) / 2**20 for r in rows]
-        mins = [sum(s["modes"][mode]["analytic_min_wire_bytes"] for s in r["stage_details"]) / 2**20 for r in rows]
+        meas = [_along_stages(r, mode, "collective_wire_bytes") / 2**20 for r in rows]
+        mins = [_along_stages(r, mode, "analytic_min_wire_bytes") / 2**20 for r in rows]
         ax.bar([i - 0.2 for i in x], meas, width=0.4, label="compiled HLO")
         ax.bar([i + 0.2 for i in x], mins, width=0.4, label="analytic minimum", alpha=0.7)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("MiB sent per device (ring)")
+        ax.set_ylabel("MiB sent per device (ring; pipelines: summed over the stages)")
         ax.set_title(f"{mode}: communication per step")
         ax.legend(fontsize=7)
     fig.tight_layout()

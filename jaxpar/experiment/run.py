@@ -195,7 +195,9 @@ def run_combination(spec: ExperimentSpec, model_name: str, cfg: ModelConfig, pol
     row["stage_layers"] = [s.cfg.num_layers for s in stages]
     row.update(_summarise(row, stages, infos, modes, hw, capacity, itemsize, cfg, batch, prompt, chunk,
                           policy))
-    row["stage_details"] = list(seen.values())
+    row["stage_details"] = list(seen.values())  # one per distinct stage
+    keys = list(seen)
+    row["stage_of"] = [keys.index((id(s.graphdef), s.first, s.last)) for s in stages]  # per stage
     if "train" in spec.modes:
         if policy.pipeline is not None:
             row["train"] = {"error": "training through a pipeline is not modelled"}
