@@ -208,3 +208,42 @@ def _cache_traffic(cfg: ModelConfig, cache, *, tokens: int, context: int, mode: 
             local = sum(_local(a)[1] for a in jax.tree.leaves(layer))
             total += local * (1 if mode == "prefill" else 2)
     return total
+
+
+def train_activation_bytes(cfg: ModelConfig, sharding: ModelSharding, *, batch: int, seq: int, itemsize: int,
+                           remat: tuple[str, ...] = ()) -> float:
+    """Activations one device keeps from the forward pass for the backward pass (ideal
+    kernels: flash attention keeps its output and log-sum-exp, not its scores).
+
+    Per layer: each block keeps its input (the residual stream: the device's share of the
+    tokens under sequence parallelism) and, unless rematerialised, its intermediates:
+    attention q, k, v, output and LSE over the block's heads; Gated DeltaNet its projections
+    and chunk states are approximated by q, k, v, z and output over its heads; an MLP its gate,
+    up and product over its ffn shard; a MoE block the same for the k selected experts (plus the
+    shared expert) and the router's probabilities. Plus the final norm's input and the float32
+    logits of every token (the head's shard of the vocabulary)."""
+    e, total = cfg.hidden_size, 0.0
+    for i in range(cfg.num_layers):
+        ls = sharding.layers[i]
+        for rules, kind in ((ls.mixer, cfg.layer_types[i]), (ls.ffn, cfg.mlp_types[i])):
+            tokens = batch * seq / rules.size("batch")
+            total += tokens / rules.size("residual_seq") * e * itemsize  # the block's input
+            if kind in remat:
+                continue
+            if kind == "attention":
+                heads = cfg.num_heads / rules.size("q_heads")
+                kv = max(cfg.num_kv_heads / max(rules.size("kv_heads"), 1), 1)
+                total += tokens * ((2 * heads + 2 * kv) * cfg.head_dim * itemsize + heads * 4)
+            elif kind == "linear_attention":
+                hk = cfg.linear_num_key_heads / rules.size("lin_k_heads")
+                hv = cfg.linear_num_value_heads / rules.size("lin_v_heads")
+                total += tokens * (2 * hk * cfg.linear_key_head_dim + 3 * hv * cfg.linear_value_head_dim) * itemsize
+            elif kind == "mlp":
+                total += tokens * 3 * cfg.intermediate_size / rules.size("ffn") * itemsize
+            else:
+                width = cfg.num_experts_per_tok * cfg.moe_intermediate_size / rules.size("expert_ffn")
+                width += cfg.shared_expert_intermediate_size / rules.size("ffn")
+                total += tokens * (3 * width * itemsize + cfg.num_experts * 4)
+    tokens = batch * seq / sharding.head.size("residual_batch")
+    total += tokens * e * itemsize + tokens * cfg.vocab_size / sharding.head.size("vocab") * 4
+    return total

@@ -81,19 +81,19 @@ def markdown(results: dict[str, Any]) -> str:
     train_rows = [r for r in rows if "train" in r]
     if train_rows:
         lines += ["", "Training step (AdamW; parameters and optimizer state in the spec's dtype):", "",
-                  "| policy | batch x seq | remat | optimizer | params GiB | optimizer GiB | temp GiB (XLA:CPU) | "
-                  "fits | step ms ideal | step ms compiled | tokens/s/device ideal |",
-                  "|" + "---|" * 11]
+                  "| policy | batch x seq | remat | optimizer | params GiB | optimizer GiB | activations GiB ideal | "
+                  "temp GiB (XLA:CPU) | fits | step ms ideal | step ms compiled | tokens/s/device ideal |",
+                  "|" + "---|" * 12]
         for r in train_rows:
             t = r["train"]
             if "error" in t:
-                lines.append(f"| {_label(r, rows)} | {t['error']} |" + " |" * 9)
+                lines.append(f"| {_label(r, rows)} | {t['error']} |" + " |" * 10)
                 continue
             m = t["memory"]
             lines.append(
                 f"| {_label(r, rows)} | {t['batch']} x {t['seq']} | {', '.join(t['remat']) or '-'} | "
                 f"{t['optimizer_sharding']} | {_gib(m['param_bytes'])} | {_gib(m['optimizer_bytes'])} | "
-                f"{_gib(m['temp_bytes'])} | {m['fits']} | {_ms(t['roofline']['time_s'])} | "
+                f"{_gib(m.get('activation_bytes', 0))} | {_gib(m['temp_bytes'])} | {m['fits']} | {_ms(t['roofline']['time_s'])} | "
                 f"{_ms(t['roofline_compiled']['time_s'])} | {t['tokens_per_s_per_device']:,.0f} |")
     notes = [f"- {_label(r, rows)}: {r['note']}" for r in rows if r.get("note")]
     if any(r.get("stages", 1) > 1 for r in rows if "error" not in r):
@@ -204,15 +204,18 @@ def plot_train_memory(results: dict[str, Any], path: Path) -> Path:
     plt = require_matplotlib()
     rows = [r for r in results["rows"] if "error" not in r and "error" not in r.get("train", {"error": 1})]
     labels = [_label(r, rows) for r in rows]
-    parts = [("param_bytes", "parameters"), ("optimizer_bytes", "optimizer state"),
-             ("temp_bytes", "temporaries: activations, gradients (XLA:CPU)")]
+    parts = [("param_bytes", "parameters"), ("param_bytes", "gradients"), ("optimizer_bytes", "optimizer state"),
+             ("activation_bytes", "activations kept for the backward (ideal)")]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
     x = list(range(len(rows)))
     bottom = [0.0] * len(rows)
     for key, name in parts:
-        values = [r["train"]["memory"][key] / 2**30 for r in rows]
-        ax.bar(x, values, bottom=bottom, label=name, alpha=0.6 if key == "temp_bytes" else 1.0)
+        values = [r["train"]["memory"].get(key, 0) / 2**30 for r in rows]
+        ax.bar(x, values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values)]
+    for i, r in enumerate(rows):  # what XLA:CPU's program would need, for comparison
+        ax.text(i, bottom[i], f"XLA:CPU: {(r['train']['memory']['param_bytes'] + r['train']['memory']['optimizer_bytes'] + r['train']['memory']['temp_bytes']) / 2**30:,.0f} GiB",
+                ha="center", va="bottom", fontsize=7)
     cap = results["hardware"]["hbm_bytes"] / 2**30
     ax.axhline(cap, color="k", linestyle="--", linewidth=1, label=f"HBM ({cap:.0f} GiB)")
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)

@@ -23,7 +23,7 @@ import numpy as np
 from jaxpar.config import ModelConfig
 from jaxpar.experiment import comm_model, roofline as rl
 from jaxpar.experiment.analysis import CompiledCosts, inference_step, local_bytes, train_step
-from jaxpar.experiment.cost_model import step_cost
+from jaxpar.experiment.cost_model import step_cost, train_activation_bytes
 from jaxpar.experiment.models import even_partition, load_model_config, slice_layers
 from jaxpar.experiment.spec import ExperimentSpec, PolicySpec, SpecError, WorkloadSpec
 from jaxpar.sharding.collectives import ring_wire_bytes, summarize
@@ -226,10 +226,15 @@ def _train_analysis(spec: ExperimentSpec, cfg: ModelConfig, sharding: ModelShard
     hw = spec.hardware
     ideal_rl = rl.roofline(ideal.flops, ideal.bytes, collectives, hw, dtype.name)
     compiled_rl = rl.roofline(costs.flops, costs.bytes_accessed, collectives, hw, dtype.name)
-    fits = "no" if param_bytes + opt_bytes > capacity else (
+    # ideal: parameters, gradients (one more copy of the parameters), optimizer state and the
+    # activations kept for the backward pass; XLA:CPU's temporaries are reported beside
+    activations = train_activation_bytes(cfg, sharding, batch=batch, seq=seq, itemsize=dtype.itemsize, remat=remat)
+    ideal_peak = 2 * param_bytes + opt_bytes + activations
+    fits = "no" if ideal_peak > capacity else (
         "yes" if param_bytes + opt_bytes + costs.temp_bytes <= capacity else "no (XLA:CPU temp)")
     return {"batch": batch, "seq": seq, "remat": list(remat), "optimizer_sharding": t.optimizer_sharding,
             "memory": {"param_bytes": param_bytes, "optimizer_bytes": opt_bytes, "temp_bytes": costs.temp_bytes,
+                       "activation_bytes": activations, "ideal_peak_bytes": ideal_peak,
                        "peak_bytes": param_bytes + opt_bytes + costs.temp_bytes, "fits": fits},
             "compiled": costs.to_json(), "ideal": {"flops": ideal.flops, "bytes": ideal.bytes, **ideal.terms},
             "collectives": {k: dataclasses.asdict(v) for k, v in summarize(costs.collectives).items()},
