@@ -11,6 +11,7 @@ import pytest
 from jaxpar.config import config_from_hf_dict
 from jaxpar.experiment import roofline as rl
 from jaxpar.experiment.analysis import local_bytes
+from jaxpar.experiment.cost_model import train_activation_bytes
 from jaxpar.experiment.hardware import PROFILES, HardwareError, load_profile, profile_from_dict
 from jaxpar.experiment.models import apply_overrides, load_model_config, shipped_configs
 from jaxpar.experiment.report import write_report
@@ -105,6 +106,19 @@ def test_compile_only_1b_on_8_devices(one_b_results):
     assert "ttft_s" in pp["predicted"] and pp["pipeline_formula"]
 
 
+def test_sp_keeps_a_shard_of_the_residual_for_the_backward():
+    cfg = config_from_hf_dict(ONE_B)
+    tp = build_sharding(preset("tp", 8), cfg, jax.devices()[:8])
+    sp = build_sharding(preset("sp", 8), cfg, jax.devices()[:8])
+    b, t, e, layers = 4, 1024, 2048, 16
+    act = {name: train_activation_bytes(cfg, sh, batch=b, seq=t, itemsize=2) for name, sh in (("tp", tp), ("sp", sp))}
+    # every block's input (2 per layer) is a sequence shard under SP: 1/8 of [B, T, E]
+    assert act["tp"] - act["sp"] == pytest.approx(2 * layers * b * t * e * 2 * (1 - 1 / 8))
+    # recomputing the MLPs drops their three [B, T, F/8] intermediates
+    no_mlp = train_activation_bytes(cfg, tp, batch=b, seq=t, itemsize=2, remat=("mlp",))
+    assert act["tp"] - no_mlp == pytest.approx(layers * b * t * 3 * 8192 / 8 * 2)
+
+
 def test_report_files(one_b_results, tmp_path):
     files = write_report(one_b_results, tmp_path)
     for key in ("memory_plot", "latency_plot", "comm_plot"):
@@ -176,7 +190,8 @@ def test_cli_experiment(tmp_path, capsys):
         "policies:\n  - name: tpa4-dcp2\n    table:\n      axes: {tp: 8, attn_tp: 4, dcp: 2}\n"
         "      rules:\n        - {match: {kind: attention}, plan: {tp_size: attn_tp, dcp_size: dcp}}\n"
         "        - {match: {kind: mlp}, plan: {tp_size: 4}}\n"
-        "workloads:\n  - {batch_per_device: 1, prompt: 16, output: 8}\nmodes: [decode]\n")
+        "workloads:\n  - {batch_per_device: 1, prompt: 16, output: 8}\nmodes: [decode, train]\n"
+        "train: {batch: 8, seq: 16}\n")
     assert main(["experiment", str(spec), "--out", str(tmp_path / "out"), "--no-plots", "--quiet"]) == 0
     assert "| tpa4-dcp2 | 8 |" in capsys.readouterr().out
     row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
@@ -185,6 +200,11 @@ def test_cli_experiment(tmp_path, capsys):
     assert row["memory"]["cache_bytes"] == 5 * 2 * 8 * (row["cache_len"] // 2) * 1 * 8 * 4 + 8 * 4
     decode = row["stage_details"][0]["modes"]["decode"]
     assert decode["collective_bytes"] == decode["analytic_min_bytes"]
+    # train mode: AdamW keeps two moments per parameter (float32 like the parameters) and two
+    # int32 step counts (its own and the schedule's)
+    train = row["train"]["memory"]
+    assert train["optimizer_bytes"] == 2 * train["param_bytes"] + 8
+    assert train["activation_bytes"] > 0 and train["temp_bytes"] > 0 and row["train"]["roofline"]["time_s"] > 0
     assert main(["experiment", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
     # no float32 peak is published for TPU v5e: refused before any compile
     spec.write_text(spec.read_text().replace("h100", "tpu-v5e"))
