@@ -1,4 +1,4 @@
-"""`jaxpar` command line: generate, plan, convert."""
+"""`jaxpar` command line: generate, plan, convert, experiment, train."""
 
 from __future__ import annotations
 
@@ -145,12 +145,28 @@ def _add_convert(sub) -> None:
     add_convert_parser(sub)
 
 
+def _add_experiment(sub) -> None:
+    """`jaxpar experiment SPEC --out DIR` (jaxpar/experiment/cli.py)."""
+    from jaxpar.experiment.cli import add_experiment_parser
+
+    add_experiment_parser(sub)
+
+
+def _add_train(sub) -> None:
+    """`jaxpar train MODEL --data TEXT --out DIR` (jaxpar/training/cli.py)."""
+    from jaxpar.training.cli import add_train_parser
+
+    add_train_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxpar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
     _add_convert(sub)
+    _add_experiment(sub)
+    _add_train(sub)
     return parser
 
 

@@ -62,6 +62,10 @@ class Tokenizer:
         return self._id("eos_token")
 
     @property
+    def pad_token_id(self) -> int | None:
+        return self._id("pad_token")
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 

@@ -47,11 +47,17 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Iterable, Sequence  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# The HLO reading (collectives counted in the dtypes the program moves, group sizes) and the
+# ring model of wire bytes live in the library.
+from jaxpar.sharding.collectives import CollectiveOp as Op  # noqa: E402,F401
+from jaxpar.sharding.collectives import collective_ops, group_size  # noqa: E402,F401
+from jaxpar.sharding.collectives import ring_wire_bytes as wire_bytes  # noqa: E402
 
 # --------------------------------------------------------------------------- policies
 
@@ -96,223 +102,16 @@ POLICIES.update({
 
 # --------------------------------------------------------------------------- analytic model
 
-F32 = 4  # logits, attention outputs and LSE statistics are float32 whatever the model dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class Term:
-    """One collective the policy cannot avoid: `result_bytes` is the size of its result
-    buffer on one device, `group` the number of devices that take part."""
-
-    what: str
-    kind: str  # all-reduce / all-gather / reduce-scatter
-    result_bytes: int
-    group: int
-
-
-def wire_bytes(kind: str, result_bytes: float, group: int) -> float:
-    """Bytes one device sends for a collective under the ring algorithm.
-
-    all-reduce of S bytes: reduce-scatter + all-gather = 2 (n-1)/n S.
-    all-gather with result S: (n-1)/n S.  reduce-scatter with result S (input n S): (n-1) S.
-    all-to-all of S: (n-1)/n S.  collective-permute of S: S.
-    """
-    n = max(int(group), 1)
-    if n == 1:
-        return 0.0 if kind != "collective-permute" else float(result_bytes)
-    if kind == "all-reduce":
-        return 2 * (n - 1) / n * result_bytes
-    if kind in ("all-gather", "all-to-all"):
-        return (n - 1) / n * result_bytes
-    if kind == "reduce-scatter":
-        return (n - 1) * result_bytes
-    return float(result_bytes)
-
-
-def analytic_collectives(cfg, plans: Sequence[Any], *, devices: int, batch: int, seq: int,
-                         decode: bool, itemsize: int, replicas: int = 1,
-                         greedy: bool = True) -> list[Term]:
-    """The collectives one step needs at least, derived from the resolved per-block plans.
-
-    `plans`: `ModelSharding.plans` (embed, then attention / mlp per layer, then lm_head);
-    `devices`: the table's tp (devices of one replica); `batch`, `seq`: the (padded) step
-    shape; `replicas`: the table's dp (each replica runs batch / replicas rows, no traffic
-    between replicas); `itemsize`: bytes of the activation dtype. Decode is one token per
-    row (T = 1), prefill T = seq tokens. With act = B*T*E*itemsize (B rows of a replica):
-
-    * embed, vocab-parallel over t > 1: all-reduce(act) over t of the partial lookups; a
-      reduce-scatter(act/t) instead when the next block keeps a sequence-sharded residual.
-    * attention with t = tp_size, d = dcp_size, a = dp_size (rows per rank Bl = B/a):
-        - row-parallel o_proj: all-reduce(Bl*T*E) over the t heads shards (t > 1);
-        - DCP decode (d > 1): the LSE merge over d ranks, all-reduces of
-          o (Bl*(H/t)*D f32), the max and the weight sum (Bl*(H/t) f32 each);
-          DCP prefill needs nothing (each rank keeps its slots of the replicated k / v);
-        - attention DP (a > 1): all-gather over the a ranks of the attention output
-          (result B*T*E); the batch split of the replicated input is a local slice.
-    * mlp, t = tp_size > 1: all-reduce(act) over t after the row-parallel down_proj.
-    * SP (prefill only: decode has T = 1 and SP does not apply): a block with `sp` ends
-      with reduce-scatter(act/t) instead of all-reduce(act) and leaves the residual
-      sequence-sharded; any block entered with a sequence-sharded residual first
-      all-gathers it (result act, over the tp devices). A block entered with a replicated
-      residual needs no gather. Wire bytes of RS + AG equal those of the all-reduce they
-      replace; result-buffer bytes are act/t + act instead of act.
-    * prefill keeps only each row's last token: if the residual is sequence-sharded this
-      needs one all-reduce of B*E (the token lives on one rank).
-    * lm_head, vocab-parallel over t > 1, greedy sampling: the argmax across vocab shards
-      all-gathers each shard's (max, index): two all-gathers of B*t*4 bytes.
-    Norms, rotary, the KV-cache writes and the q/k/v / gate / up projections need nothing.
-    (MoE and linear-attention blocks are not modelled: no architecture jaxpar shards has them yet.)
-    """
-    b = batch // max(replicas, 1)
-    t_len = 1 if decode else seq
-    e = cfg.hidden_size
-    act = b * t_len * e * itemsize
-    plans = list(plans)
-    terms: list[Term] = []
-
-    def sp_mode(p) -> bool:
-        return bool(p.sp) and not decode and p.kind in ("attention", "mlp", "moe")
-
-    sharded = False  # is the residual stream sequence-sharded (prefill SP)?
-    for i, p in enumerate(plans):
-        t = p.tp_size
-        if p.kind == "embed":
-            nxt = plans[i + 1] if i + 1 < len(plans) else None
-            to_sp = nxt is not None and sp_mode(nxt)
-            if t > 1:
-                if to_sp:
-                    terms.append(Term("embed: vocab-parallel lookup (reduce-scatter)", "reduce-scatter",
-                                      act // t, t))
-                else:
-                    terms.append(Term("embed: vocab-parallel lookup", "all-reduce", act, t))
-            sharded = to_sp and t > 1  # a replicated lookup feeds the first SP block as is
-            continue
-        if p.kind == "lm_head":
-            if sharded:
-                terms.append(Term("last token from the sequence-sharded residual", "all-reduce",
-                                  b * e * itemsize, devices))
-            if t > 1 and greedy:
-                for what in ("max", "index"):
-                    terms.append(Term(f"lm_head: argmax {what} over vocab shards", "all-gather",
-                                      b * t * F32, t))
-            continue
-        if p.kind not in ("attention", "mlp"):
-            continue
-        where = f"layer {p.layer} {p.kind}"
-        sp = sp_mode(p)
-        if sharded:
-            terms.append(Term(f"{where}: gather the sequence-sharded residual", "all-gather", act, devices))
-        if p.kind == "attention":
-            a, d = p.dp_size, p.dcp_size
-            bl = b // a
-            h_local = cfg.num_heads // t
-            if decode and d > 1:
-                terms.append(Term(f"{where}: DCP LSE merge, max", "all-reduce", bl * h_local * F32, d))
-                terms.append(Term(f"{where}: DCP LSE merge, o", "all-reduce",
-                                  bl * h_local * cfg.head_dim * F32, d))
-                terms.append(Term(f"{where}: DCP LSE merge, weight sum", "all-reduce", bl * h_local * F32, d))
-            out = bl * t_len * e * itemsize
-            if t > 1:
-                if sp and a == 1:
-                    terms.append(Term(f"{where}: o_proj (reduce-scatter)", "reduce-scatter", out // t, t))
-                else:
-                    terms.append(Term(f"{where}: o_proj", "all-reduce", out, t))
-            if a > 1:
-                terms.append(Term(f"{where}: attention-DP gather of the output", "all-gather", act, a))
-        else:
-            if t > 1:
-                if sp:
-                    terms.append(Term(f"{where}: down_proj (reduce-scatter)", "reduce-scatter", act // t, t))
-                else:
-                    terms.append(Term(f"{where}: down_proj", "all-reduce", act, t))
-        # the residual leaves sequence-sharded only from a reduce-scatter (a replicated or
-        # DP-gathered output stays replicated: no point in slicing it to gather it again)
-        sharded = sp and t > 1 and not (p.kind == "attention" and p.dp_size > 1)
-    return terms
-
-
-def analytic_kv_bytes(cfg, plans: Sequence[Any], *, batch: int, seq: int, itemsize: int,
-                      replicas: int = 1) -> int:
-    """Ideal KV-cache bytes per device: k and v [B/(dp*a), S/d, KVH/g, D] per attention
-    layer, g = gcd(KVH, t) (KV heads split as far as they go, replicated beyond), plus the
-    replicated int32 lengths [B] that the cache also carries."""
-    total = batch * 4
-    for p in plans:
-        if p.kind != "attention":
-            continue
-        rows = batch // max(replicas, 1) // p.dp_size
-        g = math.gcd(cfg.num_kv_heads, p.tp_size)
-        total += 2 * rows * (seq // p.dcp_size) * (cfg.num_kv_heads // g) * cfg.head_dim * itemsize
-    return total
-
-
-def summarize(terms: Iterable[Term]) -> dict[str, dict[str, float]]:
-    """{kind: {count, bytes, wire_bytes}} of analytic terms."""
-    out: dict[str, dict[str, float]] = {}
-    for term in terms:
-        s = out.setdefault(term.kind, {"count": 0, "bytes": 0, "wire_bytes": 0.0})
-        s["count"] += 1
-        s["bytes"] += term.result_bytes
-        s["wire_bytes"] += wire_bytes(term.kind, term.result_bytes, term.group)
-    return out
+# The analytic minimum of each policy's collectives lives in the library (shared with
+# `jaxpar experiment`): jaxpar/experiment/comm_model.py.
+from jaxpar.experiment.comm_model import (F32, Term, analytic_collectives,  # noqa: E402,F401
+                                          analytic_kv_bytes, summarize)
 
 
 # --------------------------------------------------------------------------- HLO reading
 
-_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=")
-_GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\})")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=")
-
-
-def group_size(line: str, num_devices: int) -> int:
-    """Devices per group of a collective, from its `replica_groups` (all three HLO spellings:
-    mesh[...] {axes}, iota [groups, size]<=[...], explicit {{...},...}); all devices if absent."""
-    m = _GROUPS_MESH.search(line)
-    if m:
-        sizes = {k.strip().strip("'"): int(v) for k, v in
-                 (kv.split("=") for kv in m.group(1).split(",") if "=" in kv)}
-        axes = [a.strip().strip("'") for a in m.group(2).split(",") if a.strip()]
-        return math.prod(sizes[a] for a in axes) if axes else 1
-    m = _GROUPS_IOTA.search(line)
-    if m:
-        return int(m.group(1).split(",")[-1])
-    m = _GROUPS_LIST.search(line)
-    if m:
-        return len([x for x in m.group(1).strip("{}").split(",") if x])
-    return num_devices
-
-
-@dataclasses.dataclass
-class Op:
-    name: str
-    kind: str
-    result_bytes: int
-    group: int
-    op_name: str  # jax metadata: where in the program the op comes from
-
-
-def collective_ops(hlo: str, num_devices: int) -> list[Op]:
-    """Each collective op in compiled HLO, sized exactly as plan_report sizes it (the line
-    goes through `jaxpar.sharding.inspect.collective_stats`), plus its group size."""
-    from jaxpar.sharding.inspect import COLLECTIVES, collective_stats
-
-    ops = []
-    for line in hlo.splitlines():
-        if not any(k in line for k in COLLECTIVES):
-            continue
-        stats = collective_stats(line)
-        if not stats:
-            continue
-        (kind, s), = stats.items()
-        name = _INSTR.match(line)
-        meta = _OP_NAME.search(line)
-        ops.append(Op(name.group(1) if name else "?", kind, s.bytes, group_size(line, num_devices),
-                      meta.group(1) if meta else ""))
-    return ops
-
-
 _RESULT_SHAPE = re.compile(r"=\s*([a-z]+\d*)\[([\d,]*)\]")
 
 
@@ -466,38 +265,36 @@ def decode_throughput(model, batch: int, *, prompt_len: int, new_tokens: int, re
 
 
 class _HloCapture:
-    """Keeps the HLO texts `plan_report` compiles (it passes each to `collective_stats`),
-    so the notes read the very programs whose collectives were counted."""
+    """Keeps the programs `plan_report` compiles (it passes each through
+    `compiled_collectives`): their compiled HLO text and their collectives, so the notes read
+    the very programs whose collectives were counted."""
 
     def __init__(self):
         self.texts: list[str] = []
+        self.ops: list[list[Op]] = []
 
     def __enter__(self):
         from jaxpar.sharding import inspect as ins
 
-        self._ins, self._orig = ins, ins.collective_stats
+        self._ins, self._orig = ins, ins.compiled_collectives
 
-        def capture(hlo_text: str):
-            self.texts.append(hlo_text)
-            return self._orig(hlo_text)
+        def capture(lowered, num_devices, compiler_options=None):
+            compiled, ops = self._orig(lowered, num_devices, compiler_options)
+            self.texts.append(compiled.as_text())
+            self.ops.append(ops)
+            return compiled, ops
 
-        ins.collective_stats = capture
+        ins.compiled_collectives = capture
         return self
 
     def __exit__(self, *exc):
-        self._ins.collective_stats = self._orig
+        self._ins.compiled_collectives = self._orig
 
-    def by_step(self) -> dict[str, str]:
-        out = {}
-        for text in self.texts:
-            head = text[:300]
-            if "_prefill" in head:
-                out["prefill"] = text
-            elif "_decode" in head:
-                out["decode"] = text
-        if len(out) < 2 and len(self.texts) == 2:  # fall back on the order step_collectives uses
-            out = {"prefill": self.texts[0], "decode": self.texts[1]}
-        return out
+    def by_step(self) -> dict[str, tuple[str, list[Op]]]:
+        """{step: (compiled HLO text, collectives)} in the order step_collectives compiles."""
+        if len(self.texts) != 2:
+            return {}
+        return {"prefill": (self.texts[0], self.ops[0]), "decode": (self.texts[1], self.ops[1])}
 
 
 def _kind_table(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -508,7 +305,7 @@ def bench_policy(name: str, policy, model_path: Path, args, all_devices) -> dict
     import numpy as np
 
     import jaxpar
-    from jaxpar.api import make_sharding, open_config, resolve_dtype
+    from jaxpar.assembly import make_sharding, open_config, resolve_dtype
     from jaxpar.sharding.inspect import plan_report
 
     row: dict[str, Any] = {"policy": name, "table": policy}
@@ -537,7 +334,7 @@ def bench_policy(name: str, policy, model_path: Path, args, all_devices) -> dict
     if args.hlo_dir:
         d = Path(args.hlo_dir)
         d.mkdir(parents=True, exist_ok=True)
-        for step, text in hlo.items():
+        for step, (text, _) in hlo.items():
             (d / f"{name}.{step}.hlo.txt").write_text(text)
 
     for step, stats in (("decode", rep.decode_collectives), ("prefill", rep.prefill_collectives)):
@@ -546,8 +343,7 @@ def bench_policy(name: str, policy, model_path: Path, args, all_devices) -> dict
                                      seq=rep.seq, decode=step == "decode", itemsize=itemsize,
                                      replicas=replicas)
         analytic = summarize(terms)
-        text = hlo.get(step, "")
-        ops = collective_ops(text, n_dev) if text else []
+        text, ops = hlo.get(step, ("", []))
         m_total = sum(v["bytes"] for v in measured.values())
         a_total = sum(v["bytes"] for v in analytic.values())
         m_wire = sum(wire_bytes(o.kind, o.result_bytes, o.group) for o in ops)

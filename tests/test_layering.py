@@ -28,6 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("jaxpar.generate", "jaxpar.pipeline", "jaxpar.engine.*", "jaxpar.checkpoint.*",
                  "jaxpar.sharding.inspect")),
     ("api", ("jaxpar.api",)),
+    ("training", ("jaxpar.training.*",)),  # fine-tuning loads through jaxpar.api
+    ("experiment", ("jaxpar.experiment.*",)),  # its train mode compiles jaxpar.training's step
     ("cli", ("jaxpar.cli", "jaxpar")),  # "jaxpar": the package's __init__
 ]
 

@@ -77,21 +77,32 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = _ffn(cfg, index, dtype, sharding.ffn)
         self.sharding = sharding
+        # Rematerialised in the backward pass (training): the mixer and / or the ffn.
+        self.remat_mixer = cfg.layer_types[index] in options.remat
+        self.remat_ffn = cfg.mlp_types[index] in options.remat
 
     def __call__(self, x, positions, cache, lengths, *, mode: str):
         residual = DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL
         mixer, ffn = self.sharding.mixer, self.sharding.ffn
+
+        def run_mixer(block, h, positions, cache, lengths):
+            if self.is_attention:
+                return block(h, positions, cache, lengths, mode=mode)
+            return block(h, cache, lengths, mode=mode)
+
+        def run_ffn(block, h):
+            return block(h, scatter_seq=mode != "decode")
+
         # Only block outputs are constrained: a block's input keeps the previous block's
         # layout (slicing a replicated residual to re-gather it would only cost traffic).
         with jax.named_scope(f"layer_{self.index}"):
             h = self.input_layernorm(x)
-            if self.is_attention:
-                h, cache = self.self_attn(h, positions, cache, lengths, mode=mode)
-            else:
-                h, cache = self.linear_attn(h, cache, lengths, mode=mode)
+            mixer_fn = nnx.remat(run_mixer) if self.remat_mixer else run_mixer
+            h, cache = mixer_fn(self.self_attn if self.is_attention else self.linear_attn,
+                                h, positions, cache, lengths)
             x = mixer.constrain(x + h, residual)
             h = self.post_attention_layernorm(x)
-            h = self.mlp(h, scatter_seq=mode != "decode")
+            h = (nnx.remat(run_ffn) if self.remat_ffn else run_ffn)(self.mlp, h)
             return ffn.constrain(x + h, residual), cache
 
 

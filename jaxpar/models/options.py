@@ -22,6 +22,9 @@ class RuntimeOptions:
     A mapping is stored as a sorted tuple of pairs, so the options stay hashable."""
 
     kernel_impl: KernelImpl = "auto"
+    # Block kinds ("attention", "linear_attention", "mlp", "moe") whose activations are
+    # recomputed in the backward pass instead of kept (training; no effect on inference).
+    remat: tuple[str, ...] = ()
 
     def __post_init__(self):
         choice = self.kernel_impl

@@ -4,8 +4,9 @@ Per block: the plan and the rule that chose it; the rules that change nothing fo
 model; per parameter: its PartitionSpec and bytes per device; the KV-cache bytes per
 device; and the collectives (count and bytes by kind) of one prefill and one decode step,
 read from the compiled HLO of the very programs generation runs
-(`jaxpar.generate.model_programs`). This module sits above the models (beside
-`jaxpar.generate`), not with the rest of `jaxpar.sharding`.
+(`jaxpar.generate.model_programs`), in the dtypes they move (`jaxpar.sharding.collectives`).
+This module sits above the models (beside `jaxpar.generate`), not with the rest of
+`jaxpar.sharding`.
 
 For a pipeline (`pp > 1`), also per stage: its devices and layers, its parameter bytes,
 the activation bytes it hands to the next stage per prefill and per decode step, and its
@@ -14,10 +15,7 @@ own collectives (compiled from the stage programs, `jaxpar.pipeline.stage_progra
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,14 +30,9 @@ from jaxpar.generate import model_programs
 from jaxpar.models.decoder import cache_shapes
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.pipeline import DEFAULT_PREFILL_CHUNK, bubble_fraction, stage_programs
+from jaxpar.sharding.collectives import (COLLECTIVES, CollectiveStats, collective_stats,  # noqa: F401
+                                         compiled_collectives, summarize)
 from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
-                "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2}
-_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64|u64|s16|u16)\[([\d,]*)\]")
-_OP = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-
 
 @dataclasses.dataclass
 class ParamReport:
@@ -79,12 +72,6 @@ class StageReport:
     activation_bytes_decode: int
     prefill_collectives: dict[str, "CollectiveStats"]
     decode_collectives: dict[str, "CollectiveStats"]
-
-
-@dataclasses.dataclass
-class CollectiveStats:
-    count: int = 0
-    bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -152,22 +139,6 @@ def _bytes_per_device(aval: jax.ShapeDtypeStruct) -> int:
     return int(np.prod(shard, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize
 
 
-def collective_stats(hlo_text: str) -> dict[str, CollectiveStats]:
-    """Counts collectives in compiled HLO text, with the bytes of their results."""
-    stats: dict[str, CollectiveStats] = collections.defaultdict(CollectiveStats)
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if not m or "-done" in line.split("=")[0]:
-            continue
-        result = line.split("=", 1)[1].split(m.group(1), 1)[0]
-        nbytes = sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-                     for d, dims in _SHAPE.findall(result))
-        s = stats[m.group(1)]
-        s.count += 1
-        s.bytes += nbytes
-    return dict(stats)
-
-
 def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: int, seq: int,
                      options: RuntimeOptions = RuntimeOptions()):
     """Compiles generation's prefill (`seq` tokens) and decode programs on abstract inputs;
@@ -182,10 +153,12 @@ def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: in
     def arr(shape, dt):
         return jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
 
-    pre_hlo = prefill.lower(leaves, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
-                            cache).compile().as_text()
-    dec_hlo = decode.lower(leaves, arr((batch,), jnp.int32), cache).compile().as_text()
-    return collective_stats(pre_hlo), collective_stats(dec_hlo)
+    n = sharding.mesh.size
+    # Counted in the dtypes the program moves (XLA:CPU promotes bf16 collectives to f32).
+    _, pre = compiled_collectives(prefill.lower(leaves, arr((batch, seq), jnp.int32), arr((batch,), jnp.int32),
+                                                cache), n)
+    _, dec = compiled_collectives(decode.lower(leaves, arr((batch,), jnp.int32), cache), n)
+    return summarize(pre), summarize(dec)
 
 
 def _param_reports(state, stage: int | None = None) -> list[ParamReport]:
@@ -217,11 +190,13 @@ def stage_collectives(cfg: ModelConfig, stage: ModelSharding, dtype, batch: int,
         return jax.ShapeDtypeStruct((batch, t, cfg.hidden_size), dtype, sharding=act)
 
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
-    pre_hlo = programs.prefill.lower(leaves, inputs(seq), lengths, cache).compile().as_text()
+    n = stage.mesh.size
+    # Counted in the dtypes the program moves (XLA:CPU promotes bf16 collectives to f32).
+    _, pre = compiled_collectives(programs.prefill.lower(leaves, inputs(seq), lengths, cache), n)
     tok = (jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated) if stage.embed is not None
            else inputs(1))
-    dec_hlo = programs.decode.lower(leaves, tok, None, cache).compile().as_text()
-    return collective_stats(pre_hlo), collective_stats(dec_hlo)
+    _, dec = compiled_collectives(programs.decode.lower(leaves, tok, None, cache), n)
+    return summarize(pre), summarize(dec)
 
 
 def _add(into: dict[str, CollectiveStats], more: dict[str, CollectiveStats]) -> None:
