@@ -19,6 +19,10 @@ LINEAR_ATTENTION = "linear_attention"
 # Feed-forward kinds per layer.
 MLP = "mlp"
 MOE = "moe"
+# Mamba2 (state-space) mixers, and "no block" for layers that hold one block only
+# (Nemotron-H: a layer is a mixer *or* a feed-forward block, `layer_layout="single"`).
+MAMBA = "mamba"
+NO_BLOCK = "none"
 
 
 class ConfigError(ValueError):
@@ -85,6 +89,40 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # --- Llama derivatives (Mistral, Phi-3, GLM-4) and Nemotron-H -----------------------
+    # Sliding-window attention: a query at i sees keys i - W < j <= i (0 = no window).
+    sliding_window: int = 0
+    # Rotary pairs interleaved (x[2i], x[2i+1]) as GLM does, instead of split halves.
+    rope_interleaved: bool = False
+    # Attention without rotary embeddings (Nemotron-H: position comes from the SSM).
+    use_rope: bool = True
+    # Fused tensors on disk: qkv_proj = [q | k | v] rows (Phi-3), gate_up_proj = [gate | up].
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    # GLM-4: RMSNorms on the attention and MLP outputs before the residual adds.
+    post_block_norms: bool = False
+    # "pair": every layer is norm -> mixer -> residual, norm -> feed-forward -> residual;
+    # "single" (Nemotron-H): every layer is norm -> one block -> residual, the block being
+    # the layer's mixer (layer_types) or its feed-forward block (mlp_types), the other
+    # entry NO_BLOCK. HF module names of "single" layers: layers.{i}.norm, layers.{i}.mixer.
+    layer_layout: str = "pair"
+    # "silu_gated" (SwiGLU: gate / up / down) or "relu2" (up -> relu(x)^2 -> down).
+    mlp_activation: str = "silu_gated"
+    # HF names of the embedding and the final norm under weight_prefix.
+    embed_name: str = "embed_tokens"
+    final_norm_name: str = "norm"
+    # Mamba2 mixers: heads of mamba_head_dim channels, n_groups groups of B / C projections
+    # (heads per group = heads / groups), a state of mamba_state_size per head and channel.
+    mamba_num_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_state_size: int = 0
+    mamba_n_groups: int = 1
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # dt = softplus(dt_raw + dt_bias) clamped below at this value (HF: time_step_min).
+    mamba_dt_min: float = 0.0
 
     @property
     def attention_flavor(self) -> str:
@@ -262,6 +300,115 @@ def _qwen3_5_conditional(hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- Llama derivatives
+
+
+def _window(hf: dict[str, Any]) -> int:
+    """HF applies `sliding_window` whenever it is set (Mistral's config defaults it to 4096)."""
+    w = hf.get("sliding_window")
+    if w is None:
+        return 0
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ConfigError(f"sliding_window must be a positive integer or null, got {w!r}")
+    return w
+
+
+def _mistral(hf: dict[str, Any]) -> dict[str, Any]:
+    return {**_llama(hf), "sliding_window": _window(hf)}
+
+
+def _phi3(hf: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3: Llama with fused qkv_proj / gate_up_proj tensors and an optional window."""
+    return {**_dense_common(hf), "sliding_window": _window(hf), "fused_qkv": True,
+            "fused_gate_up": True}
+
+
+def _glm4(hf: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4 (0414): q/k/v biases, interleaved partial rotary (half the head by default),
+    fused gate_up_proj, and RMSNorms on the attention and MLP outputs."""
+    rope = {**(hf.get("rope_parameters") or {})}
+    if "partial_rotary_factor" not in rope and "partial_rotary_factor" not in hf:
+        rope["partial_rotary_factor"] = 0.5  # Glm4Config's default
+    out = _dense_common({**hf, "rope_parameters": rope})
+    return {**out, "qkv_bias": bool(hf.get("attention_bias", True)), "rope_interleaved": True,
+            "fused_gate_up": True, "post_block_norms": True}
+
+
+# --------------------------------------------------------------------------- Nemotron-H
+
+# hybrid_override_pattern characters, and the names transformers >= 5 writes in
+# layers_block_type, -> (mixer kind, feed-forward kind) of the layer.
+_NEMOTRON_BLOCKS = {"M": (MAMBA, NO_BLOCK), "*": (ATTENTION, NO_BLOCK), "-": (NO_BLOCK, MLP),
+                    "E": (NO_BLOCK, MOE)}
+_NEMOTRON_NAMES = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*",
+                   "mlp": "-", "moe": "E"}
+
+
+def _nemotron_pattern(hf: dict[str, Any]) -> str:
+    blocks = hf.get("layers_block_type") or hf.get("layer_types")
+    if blocks is not None:
+        bad = sorted({b for b in blocks if b not in _NEMOTRON_NAMES})
+        if bad:
+            raise ConfigError(f"layers_block_type has unknown block type(s) {bad} (known: "
+                              f"{', '.join(_NEMOTRON_NAMES)})")
+        return "".join(_NEMOTRON_NAMES[b] for b in blocks)
+    pattern = hf.get("hybrid_override_pattern")
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError("a nemotron_h config.json needs hybrid_override_pattern (e.g. 'M-M*-') "
+                          "or layers_block_type")
+    bad = sorted(set(pattern) - set(_NEMOTRON_BLOCKS))
+    if bad:
+        raise ConfigError(f"hybrid_override_pattern {pattern!r} has unknown character(s) {bad} "
+                          "(M = Mamba2, * = attention, - = MLP, E = MoE)")
+    return pattern
+
+
+def _first(hf: dict[str, Any], *keys: str, default=None):
+    """The first of `keys` present (HF renamed several Nemotron-H fields)."""
+    for k in keys:
+        if hf.get(k) is not None:
+            return hf[k]
+    return default
+
+
+def _nemotron_h(hf: dict[str, Any]) -> dict[str, Any]:
+    """Nemotron-H: one block per layer from the pattern (M Mamba2, * attention without
+    rotary, - relu2 MLP, E MoE), RMSNorm with layer_norm_epsilon, weights under backbone."""
+    pattern = _nemotron_pattern(hf)
+    if "E" in pattern:
+        raise ConfigError("nemotron_h MoE layers ('E' in hybrid_override_pattern) are not supported "
+                          "yet; Mamba2 (M), attention (*) and MLP (-) layers are")
+    act = hf.get("mlp_hidden_act", "relu2")
+    if act != "relu2":
+        raise ConfigError(f"nemotron_h mlp_hidden_act {act!r} is not supported (relu2 is)")
+    if hf.get("mamba_hidden_act", "silu") != "silu":
+        raise ConfigError(f"nemotron_h mamba_hidden_act {hf.get('mamba_hidden_act')!r} is not "
+                          "supported (silu is)")
+    n = len(pattern)
+    hf = {**hf, "num_hidden_layers": n, "intermediate_size": hf.get("intermediate_size") or 1,
+          "rms_norm_eps": hf.get("layer_norm_epsilon", 1e-5), "use_sliding_window": False}
+    _require(hf, "mamba_num_heads", "mamba_head_dim", "ssm_state_size")
+    out = _dense_common(hf)
+    kinds = [_NEMOTRON_BLOCKS[c] for c in pattern]
+    out.update(
+        layer_types=tuple(k[0] for k in kinds), mlp_types=tuple(k[1] for k in kinds),
+        layer_layout="single", mlp_activation="relu2", use_rope=False,
+        mlp_bias=bool(hf.get("mlp_bias", False)), qkv_bias=bool(hf.get("attention_bias", False)),
+        o_bias=bool(hf.get("attention_bias", False)), sliding_window=_window(hf),
+        weight_prefix="backbone.", embed_name="embeddings", final_norm_name="norm_f",
+        skipped_weight_prefixes=("mtp.",) if hf.get("num_nextn_predict_layers") else (),
+        mamba_num_heads=int(hf["mamba_num_heads"]), mamba_head_dim=int(hf["mamba_head_dim"]),
+        mamba_state_size=int(hf["ssm_state_size"]),
+        mamba_n_groups=int(_first(hf, "n_groups", "mamba_n_groups", default=1)),
+        mamba_conv_kernel=int(_first(hf, "conv_kernel", "mamba_d_conv", default=4)),
+        mamba_chunk_size=int(_first(hf, "chunk_size", "mamba_chunk_size", default=128)),
+        mamba_conv_bias=bool(_first(hf, "use_conv_bias", "mamba_conv_bias", default=True)),
+        mamba_proj_bias=bool(hf.get("use_bias", False)),
+        mamba_dt_min=float(_first(hf, "time_step_min", "mamba_dt_min", default=0.001)),
+    )
+    return out
+
+
 # model_type -> normaliser. Later families register here and nowhere else.
 FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "llama": _llama,
@@ -273,6 +420,11 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "qwen3_5_moe_text": lambda hf: _qwen3_hybrid(hf, layout="split", moe=True),
     "qwen3_5": _qwen3_5_conditional,
     "qwen3_5_moe": _qwen3_5_conditional,
+    # Llama derivatives and Nemotron-H
+    "mistral": _mistral,
+    "phi3": _phi3,
+    "glm4": _glm4,
+    "nemotron_h": _nemotron_h,
 }
 
 
@@ -309,6 +461,12 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 
 def _validate(cfg: ModelConfig) -> None:
+    if MAMBA in cfg.layer_types:
+        if cfg.mamba_num_heads % cfg.mamba_n_groups:
+            raise ConfigError(f"mamba_num_heads={cfg.mamba_num_heads} is not a multiple of "
+                              f"n_groups={cfg.mamba_n_groups}")
+        if cfg.mamba_chunk_size < 1:
+            raise ConfigError(f"chunk_size={cfg.mamba_chunk_size} must be positive")
     if LINEAR_ATTENTION in cfg.layer_types and cfg.linear_num_value_heads % max(cfg.linear_num_key_heads, 1):
         raise ConfigError(f"linear_num_value_heads={cfg.linear_num_value_heads} is not a multiple of "
                           f"linear_num_key_heads={cfg.linear_num_key_heads}")

@@ -42,6 +42,17 @@ def require_torch():
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
 HYBRID_FAMILIES = ("qwen3_5", "qwen3_next", "qwen3_moe", "qwen3_5_moe")
+# Llama derivatives (tests/test_llama_derivatives.py) and Nemotron-H (tests/test_nemotron_h.py).
+LLAMA_DERIVATIVES = ("mistral", "phi3", "glm4")
+NEMOTRON_FAMILIES = ("nemotron_h",)
+
+# Mistral / Phi-3 with a sliding window shorter than the test prompts, so it masks.
+_WINDOW = dict(sliding_window=6)
+# Nemotron-H: Mamba2 (16 heads of 8 channels in 8 groups, so 8 devices hold a group each;
+# state 16; chunks of 8 tokens, so prompts span several chunks), attention without rotary,
+# relu2 MLP.
+_NEMOTRON = dict(hybrid_override_pattern="M*M-", mamba_num_heads=16, mamba_head_dim=8, n_groups=8,
+                 ssm_state_size=16, chunk_size=8, conv_kernel=4, head_dim=16, num_key_value_heads=2)
 
 _LINEAR = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
                linear_value_head_dim=16, linear_conv_kernel_dim=4, head_dim=16,
@@ -77,6 +88,15 @@ def tiny_config(family: str, **overrides):
                                                  **{**kw, **_LINEAR, **_MOE, **overrides})
     if family == "qwen3_moe":
         return transformers.Qwen3MoeConfig(head_dim=16, rope_theta=1e6, **{**kw, **_MOE, **overrides})
+    if family == "mistral":
+        return transformers.MistralConfig(**{**kw, **_WINDOW, **overrides})
+    if family == "phi3":
+        return transformers.Phi3Config(pad_token_id=0, **{**kw, **_WINDOW, **overrides})
+    if family == "glm4":
+        return transformers.Glm4Config(head_dim=16, pad_token_id=0, **kw)
+    if family == "nemotron_h":
+        kw = {k: v for k, v in kw.items() if k not in ("num_hidden_layers", "rms_norm_eps")}
+        return transformers.NemotronHConfig(layer_norm_epsilon=1e-6, **{**kw, **_NEMOTRON, **overrides})
     raise ValueError(family)
 
 

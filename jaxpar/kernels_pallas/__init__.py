@@ -4,6 +4,8 @@ the same signatures, and a dispatcher that picks one per operation.
 Modules:
   gated_delta_rule          pure-JAX GDN references (chunked, recurrent, decode step)
   gated_delta_rule_pallas   Pallas Triton GDN kernels (prepare / state / output, decode step)
+  ssd                       pure-JAX Mamba2 SSD references (chunked, recurrent, decode step);
+                            no Pallas kernel yet, so not a dispatch operation
   attention                 pure-JAX attention references (blocked prefill and extend,
                             decode + lse, split / DCP merge)
   attention_pallas          Pallas Triton attention kernels (flash prefill / extend,
@@ -46,6 +48,7 @@ from jaxpar.kernels_pallas.gated_delta_rule import (
     gated_delta_rule_step,
     recurrent_gated_delta_rule,
 )
+from jaxpar.kernels_pallas.ssd import ssd_chunked, ssd_recurrent, ssd_step
 
 __all__ = [
     "KernelImpl",
@@ -63,6 +66,9 @@ __all__ = [
     "attention_prefill",
     "attention_extend",
     "attention_decode",
+    "ssd_chunked",
+    "ssd_recurrent",
+    "ssd_step",
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "gated_delta_rule_step",

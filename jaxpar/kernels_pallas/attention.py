@@ -14,6 +14,14 @@ CPU path.
 The DCP cache layout: with ``dcp_size`` ranks, the token at position p lives on rank
 p % dcp_size at local slot p // dcp_size; :func:`dcp_local_lengths` turns row lengths into
 each rank's count of valid slots, which are always a prefix of its slots.
+
+Sliding-window attention (Mistral, Phi-3): with ``window = W`` a query at position i sees
+the keys at positions i - W < j <= i (Hugging Face's convention: W keys, itself included).
+Prefill and extend take ``window``; decode takes ``kv_starts``, the first valid slot of
+each row (under DCP the local count of slots before the window,
+``dcp_local_lengths(max(0, n + 1 - W), rank, size)`` for a token at position n), so the
+valid slots are the range ``[kv_starts, kv_lens)``. Key blocks wholly before the window
+are skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ __all__ = [
     "decode_attention",
     "merge_attention_partials",
     "dcp_local_lengths",
+    "window_start",
 ]
 
 _PRECISION = lax.Precision.HIGHEST
@@ -42,6 +51,23 @@ def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
     if h % num_kv_heads:
         raise ValueError(f"query heads {h} must be a multiple of kv heads {num_kv_heads}")
     return q.reshape(*q.shape[:-2], num_kv_heads, h // num_kv_heads, q.shape[-1])
+
+
+def _check_window(window, causal: bool) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of keys or None, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal attention")
+    return window
+
+
+def window_start(positions: jax.Array, window: int | None) -> jax.Array | None:
+    """First position a query at `positions` sees under a sliding window (None: no window)."""
+    if window is None:
+        return None
+    return jnp.maximum(positions - window + 1, 0)
 
 
 def dcp_local_lengths(kv_lens: jax.Array, rank, size: int) -> jax.Array:
@@ -84,6 +110,7 @@ def prefill_attention(
     *,
     scale: float,
     causal: bool = True,
+    window: int | None = None,
     block_q: int = _BLOCK,
     block_k: int = _BLOCK,
 ) -> jax.Array:
@@ -94,6 +121,8 @@ def prefill_attention(
       lengths: [B] int32, valid tokens per row (the rest is padding).
       scale: score scale (usually D ** -0.5).
       causal: key j is visible to query i only if j <= i.
+      window: sliding window W (causal only): key j is visible to query i only if
+        i - W < j. None: no window.
       block_q, block_k: tile sizes (clipped to T). Query blocks are mapped with
         ``lax.map``; each walks its key blocks with a ``fori_loop`` that stops at the
         longest row and, if causal, at the diagonal. T <= block is plain masked attention.
@@ -102,6 +131,7 @@ def prefill_attention(
     """
     b, t, kvh, d = k.shape
     h = q.shape[2]
+    window = _check_window(window, causal)
     bq, bk = min(block_q, t), min(block_k, t)
     tq, tk = -(-t // bq) * bq, -(-t // bk) * bk
     qg = _group_queries(q, kvh).astype(jnp.float32)  # [B, T, KVH, G, D]
@@ -127,6 +157,8 @@ def prefill_attention(
             mask = mask[:, None, :] & (q_pos[None, :, None] < lengths[:, None, None])
             if causal:
                 mask = mask & (q_pos[:, None] >= k_pos[None, :])[None]
+            if window is not None:
+                mask = mask & (q_pos[:, None] - k_pos[None, :] < window)[None]
             s = jnp.where(mask[:, None, None], s, -jnp.inf)
             return _online_softmax_step(carry, s, vb[j])
 
@@ -140,8 +172,9 @@ def prefill_attention(
         n_blocks = (max_len + bk - 1) // bk
         if causal:
             n_blocks = jnp.minimum(n_blocks, ((qi + 1) * bq + bk - 1) // bk)
+        first = 0 if window is None else jnp.maximum(qi * bq - window + 1, 0) // bk
         with jax.named_scope("prefill_key_blocks"):
-            acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+            acc, m, l = lax.fori_loop(first, jnp.maximum(n_blocks, first), body, init)
         return _finish(acc, m, l)[0]
 
     if tq == bq:  # one query block
@@ -162,6 +195,7 @@ def extend_attention(
     scale: float,
     dcp_rank=0,
     dcp_size: int = 1,
+    window: int | None = None,
     block_k: int = _BLOCK,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked prefill: T queries at `q_positions` over a cache that already holds them.
@@ -173,6 +207,8 @@ def extend_attention(
         cache (including this chunk). Slot position p is visible to a query at position i
         iff p <= i and p < kv_lens[b]; queries at positions >= kv_lens[b] are padding.
       dcp_rank: this rank (a traced scalar inside ``shard_map``); dcp_size: ranks.
+      window: sliding window W: slot position p is visible to a query at i only if
+        i - W < p. None: no window.
       block_k: slots per step; the loop stops at this rank's longest valid prefix.
     Returns:
       (o [B, T, H, D] float32, lse [B, T, H] float32); o = 0, lse = -inf where no slot is
@@ -180,6 +216,7 @@ def extend_attention(
     """
     b, t, h, d = q.shape
     s_len, kvh = k_cache.shape[1], k_cache.shape[2]
+    window = _check_window(window, True)
     bk = min(block_k, s_len)
     sp = -(-s_len // bk) * bk
     qg = jnp.moveaxis(_group_queries(q, kvh).astype(jnp.float32), 1, 3)  # [B, KVH, G, T, D]
@@ -197,6 +234,8 @@ def extend_attention(
         ok = (slot_pos[None, None, :] <= q_positions[:, :, None]) & (
             slot_pos[None, None, :] < kv_lens[:, None, None]
         ) & (q_positions < kv_lens[:, None])[:, :, None]  # [B, T, bk]; padding queries: none
+        if window is not None:
+            ok = ok & (q_positions[:, :, None] - slot_pos[None, None, :] < window)
         s = jnp.where(ok[:, None, None], s, -jnp.inf)
         return _online_softmax_step(carry, s, vb[j].astype(jnp.float32))
 
@@ -208,7 +247,12 @@ def extend_attention(
     if sp == bk:  # one block: plain masked attention (no loop to compile)
         acc, m, l = body(0, init)
     else:
-        acc, m, l = lax.fori_loop(0, (n_valid + bk - 1) // bk, body, init)
+        n_blocks = (n_valid + bk - 1) // bk
+        first = 0
+        if window is not None:  # local slots holding positions before every query's window
+            before = jnp.maximum(jnp.min(q_positions) - window + 1, 0)
+            first = jnp.minimum(dcp_local_lengths(before, dcp_rank, dcp_size) // bk, n_blocks)
+        acc, m, l = lax.fori_loop(first, n_blocks, body, init)
     o, lse = _finish(acc, m, l)  # [B, KVH, G, T, D], [B, KVH, G, T]
     return (jnp.moveaxis(o, 3, 1).reshape(b, t, h, d),
             jnp.moveaxis(lse, 3, 1).reshape(b, t, h))  # fmt: skip
@@ -221,6 +265,7 @@ def decode_attention(
     kv_lens: jax.Array,
     *,
     scale: float,
+    kv_starts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One query token per row against a KV cache whose first kv_lens[b] slots are valid.
 
@@ -228,6 +273,8 @@ def decode_attention(
       q: [B, H, D]; k_cache, v_cache: [B, S, KVH, D]; kv_lens: [B] int32 valid slots (under
         DCP: :func:`dcp_local_lengths` of the row lengths).
       scale: score scale.
+      kv_starts: [B] int32 first valid slot (sliding window), or None (slot 0): the valid
+        slots are [kv_starts, kv_lens).
     Returns:
       (o [B, H, D] float32, lse [B, H] float32 log-sum-exp of the scaled scores). A row with
       no valid slot gives o = 0 and lse = -inf.
@@ -235,6 +282,8 @@ def decode_attention(
     b, s_len, kvh, d = k_cache.shape
     qg = _group_queries(q, kvh)  # [B, KVH, G, D]
     valid = jnp.arange(s_len)[None, :] < kv_lens[:, None]  # [B, S]
+    if kv_starts is not None:
+        valid = valid & (jnp.arange(s_len)[None, :] >= kv_starts[:, None])
     with jax.named_scope("decode_scores"):
         s = jnp.einsum(
             "bhgd,bshd->bhgs",

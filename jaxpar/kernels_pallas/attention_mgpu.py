@@ -212,6 +212,7 @@ def prefill_attention_mgpu(
     *,
     scale: float,
     causal: bool = True,
+    window: int | None = None,
     block_kv: int = 64,
     max_concurrent_steps: int = 2,
     warp_specialized: bool = True,
@@ -236,6 +237,9 @@ def prefill_attention_mgpu(
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
+    if window is not None:
+        raise UnsupportedShapeError("the Mosaic GPU prefill kernel has no sliding-window mask "
+                                    f"(window={window})")
     if k.shape != (b, t, kvh, d) or v.shape != k.shape:
         raise ValueError(f"k {k.shape} and v {v.shape} must be [B, T, KVH, D] matching q {q.shape}")
     if h % kvh:
@@ -396,6 +400,7 @@ def decode_attention_mgpu(
     kv_lens: jax.Array,
     *,
     scale: float,
+    kv_starts: jax.Array | None = None,
     slot_positions: jax.Array | None = None,
     block_kv: int = 64,
     num_splits: int | None = None,
@@ -419,6 +424,9 @@ def decode_attention_mgpu(
     """
     b, h, d = q.shape
     _, s_len, kvh, _ = k_cache.shape
+    if kv_starts is not None:
+        raise UnsupportedShapeError("the Mosaic GPU decode kernel reads a prefix of slots and "
+                                    "cannot start a row at kv_starts (sliding window)")
     if k_cache.shape != (b, s_len, kvh, d) or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must be [B, S, KVH, D] "

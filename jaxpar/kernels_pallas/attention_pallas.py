@@ -109,13 +109,15 @@ def _largest_block(length: int, preferred: int) -> int:
 
 def _flash_kernel(
     qpos_ref, kvlen_ref, rank_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
-    scale, block_k, dcp_size, causal,
+    scale, block_k, dcp_size, causal, window,
 ):  # fmt: skip
     """One (batch, query head, query block) program.
 
     qpos_ref: [block_q] positions of the queries; kvlen_ref, rank_ref: scalars (tokens held,
     this DCP rank); q_ref: [block_q, D]; k_ref, v_ref: [S, D] (slot s holds position
     s * dcp_size + rank). Writes o [block_q, D] and, for extend, lse [block_q].
+    `window` (None or W): a query at i sees positions > i - W only; the key blocks wholly
+    before the block's earliest window are not visited.
     """
     q = q_ref[...]
     q_pos = qpos_ref[...]
@@ -127,6 +129,10 @@ def _flash_kernel(
         last = jnp.max(q_pos)
         n_slots = jnp.minimum(n_slots, jnp.maximum(last - rank + dcp_size, 0) // dcp_size)
     n_blocks = pl.cdiv(n_slots, block_k)
+    first = 0
+    if window is not None:  # local slots holding positions before every query's window
+        before = jnp.maximum(jnp.min(jnp.where(q_pos >= 0, q_pos, kv_len)) - window + 1, 0)
+        first = jnp.minimum(((before + (dcp_size - 1) - rank) // dcp_size) // block_k, n_blocks)
 
     def body(j, carry):
         acc, m, l = carry
@@ -138,6 +144,8 @@ def _flash_kernel(
         mask = (pos < kv_len)[None, :]
         if causal:
             mask = mask & (pos[None, :] <= q_pos[:, None])
+        if window is not None:
+            mask = mask & (pos[None, :] > q_pos[:, None] - window)
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
@@ -152,7 +160,7 @@ def _flash_kernel(
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    acc, m, l = lax.fori_loop(first, n_blocks, body, init)
     # m only rises above the mask value once a visible key was seen; queries at positions
     # >= kv_len are padding. Both are written as o = 0, lse = -inf.
     valid = (m > 0.5 * MASK_VALUE) & (q_pos < kv_len)
@@ -163,7 +171,7 @@ def _flash_kernel(
 
 
 def _flash_call(q, k, v, q_positions, kv_lens, ranks, *, scale, causal, dcp_size, tiles,
-                out_dtype, with_lse, interpret, name):  # fmt: skip
+                out_dtype, with_lse, interpret, name, window=None):  # fmt: skip
     """q [B, Tq, H, D] (Tq a multiple of block_q); k, v [B, S, KVH, D] (S a multiple of
     block_k); q_positions [B, Tq]; kv_lens, ranks [B]."""
     b, tq, h, d = q.shape
@@ -179,7 +187,7 @@ def _flash_call(q, k, v, q_positions, kv_lens, ranks, *, scale, causal, dcp_size
         out_specs.append(pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)))
         out_shape.append(jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
     kernel = functools.partial(_flash_kernel, scale=scale, block_k=bk, dcp_size=dcp_size,
-                               causal=causal)  # fmt: skip
+                               causal=causal, window=window)  # fmt: skip
     return pl.pallas_call(
         kernel,
         grid=(b, h, tq // bq),
@@ -215,6 +223,7 @@ def prefill_attention_pallas(
     *,
     scale: float,
     causal: bool = True,
+    window: int | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -230,6 +239,8 @@ def prefill_attention_pallas(
     kvh = k.shape[2]
     if h % kvh:
         raise UnsupportedShapeError(f"query heads H={h} must be a multiple of KV heads {kvh}")
+    if window is not None and not causal:
+        raise UnsupportedShapeError("a sliding window needs causal attention")
     dp = padded_head_dim(d)
     tiles = _tiles(prefill_tiles(dp, q.dtype), block_q=block_q, block_k=block_k,
                    num_warps=num_warps, num_stages=num_stages)  # fmt: skip
@@ -241,7 +252,7 @@ def prefill_attention_pallas(
     (o,) = _flash_call(
         q, k, v, positions, lengths, jnp.zeros((b,), jnp.int32), scale=scale, causal=causal,
         dcp_size=1, tiles=tiles, out_dtype=q.dtype, with_lse=False, interpret=interpret,
-        name="jaxpar_prefill_attention",
+        name="jaxpar_prefill_attention", window=window,
     )  # fmt: skip
     return o[:, :t, :, :d]
 
@@ -256,6 +267,7 @@ def extend_attention_pallas(
     scale: float,
     dcp_rank=0,
     dcp_size: int = 1,
+    window: int | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -290,7 +302,7 @@ def extend_attention_pallas(
     o, lse = _flash_call(
         q, k_cache, v_cache, q_positions, kv_lens, ranks, scale=scale, causal=True,
         dcp_size=dcp_size, tiles=tiles, out_dtype=jnp.float32, with_lse=True,
-        interpret=interpret, name="jaxpar_extend_attention",
+        interpret=interpret, name="jaxpar_extend_attention", window=window,
     )  # fmt: skip
     return o[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
 
@@ -351,6 +363,7 @@ def decode_attention_pallas(
     kv_lens: jax.Array,
     *,
     scale: float,
+    kv_starts: jax.Array | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
@@ -366,6 +379,10 @@ def decode_attention_pallas(
     """
     b, h, d = q.shape
     _, s_len, kvh, _ = k_cache.shape
+    if kv_starts is not None:
+        raise UnsupportedShapeError(
+            "the Triton decode kernel reads a prefix of slots and cannot start a row at "
+            "kv_starts (sliding-window attention); the reference masks the window")
     if h % kvh:
         raise UnsupportedShapeError(f"query heads H={h} must be a multiple of KV heads {kvh}")
     require_power_of_two("head_dim", d)

@@ -339,14 +339,16 @@ def attention_prefill(
     *,
     scale: float,
     causal: bool = True,
+    window: int | None = None,
     impl: KernelImpl = "auto",
     interpret: bool = False,
     **options,
 ) -> jax.Array:
-    """Prefill attention. q [B, T, H, D]; k, v [B, T, KVH, D]; lengths [B] int32.
+    """Prefill attention. q [B, T, H, D]; k, v [B, T, KVH, D]; lengths [B] int32;
+    window: sliding window (keys i - window < j <= i), None for none.
     Returns [B, T, H, D] in q.dtype (padding query rows zero)."""
     return _run("attention_prefill", impl, interpret, (q, k, v, lengths),
-                dict(scale=scale, causal=causal), options)  # fmt: skip
+                dict(scale=scale, causal=causal, window=window), options)  # fmt: skip
 
 
 def attention_extend(
@@ -359,16 +361,18 @@ def attention_extend(
     scale: float,
     dcp_rank=0,
     dcp_size: int = 1,
+    window: int | None = None,
     impl: KernelImpl = "auto",
     interpret: bool = False,
     **options,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked-prefill attention over a cache in the DCP layout (slot s holds position
     s * dcp_size + dcp_rank). q [B, T, H, D]; caches [B, S, KVH, D]; q_positions [B, T];
-    kv_lens [B] tokens cached including this chunk. Returns (o [B, T, H, D] f32,
-    lse [B, T, H] f32)."""
+    kv_lens [B] tokens cached including this chunk; window: sliding window or None.
+    Returns (o [B, T, H, D] f32, lse [B, T, H] f32)."""
     return _run("attention_extend", impl, interpret, (q, k_cache, v_cache, q_positions, kv_lens),
-                dict(scale=scale, dcp_rank=dcp_rank, dcp_size=dcp_size), options)  # fmt: skip
+                dict(scale=scale, dcp_rank=dcp_rank, dcp_size=dcp_size, window=window),
+                options)  # fmt: skip
 
 
 def attention_decode(
@@ -378,12 +382,14 @@ def attention_decode(
     kv_lens: jax.Array,
     *,
     scale: float,
+    kv_starts: jax.Array | None = None,
     impl: KernelImpl = "auto",
     interpret: bool = False,
     **options,
 ) -> tuple[jax.Array, jax.Array]:
     """Decode attention with log-sum-exp. q [B, H, D]; caches [B, S, KVH, D]; kv_lens [B]
-    valid slots (a prefix; under DCP ``attention.dcp_local_lengths``).
+    valid slots (a prefix; under DCP ``attention.dcp_local_lengths``); kv_starts [B] the
+    first valid slot under a sliding window (None: 0).
     Returns (o [B, H, D] float32, lse [B, H] float32)."""
     return _run("attention_decode", impl, interpret, (q, k_cache, v_cache, kv_lens),
-                dict(scale=scale), options)  # fmt: skip
+                dict(scale=scale, kv_starts=kv_starts), options)  # fmt: skip

@@ -13,14 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.config import ATTENTION, LINEAR_ATTENTION, MLP as MLP_KIND, MOE, ModelConfig
+from jaxpar.config import (ATTENTION, LINEAR_ATTENTION, MAMBA, MLP as MLP_KIND, MOE, NO_BLOCK,
+                           ModelConfig)
+from jaxpar.loading.layouts import HFLayout
 from jaxpar.models.attention import Attention
 from jaxpar.models.cache import Cache, KVCache
 from jaxpar.models.gdn import GatedDeltaNet, gdn_cache_shapes
+from jaxpar.models.mamba2 import Mamba2Mixer, mamba_cache_shapes
 from jaxpar.models.mlp import MLP
 from jaxpar.models.norms import RMSNorm
 from jaxpar.models.options import RuntimeOptions
-from jaxpar.models.params import LINEAR, param
+from jaxpar.models.params import AS_IS, LINEAR, param
 from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding
 
 # The residual stream between blocks: batch over data-parallel replicas only, sequence
@@ -30,9 +33,15 @@ DECODE_RESIDUAL = ("residual_batch", None, "embed")
 MODES = ("prefill", "extend", "decode")
 
 
+def _renamed(name: str) -> HFLayout:
+    """The layout of a top-level parameter whose HF module has another name (Nemotron-H's
+    `embeddings`, `norm_f`), or AS_IS when it is the default."""
+    return HFLayout(name=f"../{name}.weight")
+
+
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, hidden: int, dtype):
-        self.weight = param((vocab, hidden), ("vocab", "embed"), dtype)
+    def __init__(self, vocab: int, hidden: int, dtype, hf_layout: HFLayout = AS_IS):
+        self.weight = param((vocab, hidden), ("vocab", "embed"), dtype, hf_layout)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], tokens, axis=0)
@@ -48,12 +57,15 @@ def _mixer(cfg: ModelConfig, index: int, dtype, rules, options):
         return Attention(cfg, dtype, rules, options)
     if cfg.layer_types[index] == LINEAR_ATTENTION:
         return GatedDeltaNet(cfg, dtype, rules, options)
+    if cfg.layer_types[index] == MAMBA:
+        return Mamba2Mixer(cfg, dtype, rules, options)
     raise ValueError(f"layer {index}: unknown mixer kind {cfg.layer_types[index]!r}")
 
 
 def _ffn(cfg: ModelConfig, index: int, dtype, rules):
     if cfg.mlp_types[index] == MLP_KIND:
-        return MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rules, bias=cfg.mlp_bias)
+        return MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rules, bias=cfg.mlp_bias,
+                   activation=cfg.mlp_activation, fused_gate_up=cfg.fused_gate_up)
     if cfg.mlp_types[index] == MOE:
         from jaxpar.models.moe import SparseMoE
 
@@ -76,6 +88,12 @@ class DecoderLayer(nnx.Module):
             self.linear_attn = mixer
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = _ffn(cfg, index, dtype, sharding.ffn)
+        # GLM-4 normalises each block's output before its residual add.
+        if cfg.post_block_norms:
+            self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, **norm)
+            self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        else:
+            self.post_self_attn_layernorm = self.post_mlp_layernorm = None
         self.sharding = sharding
         # Rematerialised in the backward pass (training): the mixer and / or the ffn.
         self.remat_mixer = cfg.layer_types[index] in options.remat
@@ -100,10 +118,58 @@ class DecoderLayer(nnx.Module):
             mixer_fn = nnx.remat(run_mixer) if self.remat_mixer else run_mixer
             h, cache = mixer_fn(self.self_attn if self.is_attention else self.linear_attn,
                                 h, positions, cache, lengths)
+            if self.post_self_attn_layernorm is not None:
+                h = self.post_self_attn_layernorm(h)
             x = mixer.constrain(x + h, residual)
             h = self.post_attention_layernorm(x)
             h = (nnx.remat(run_ffn) if self.remat_ffn else run_ffn)(self.mlp, h)
+            if self.post_mlp_layernorm is not None:
+                h = self.post_mlp_layernorm(h)
             return ffn.constrain(x + h, residual), cache
+
+
+class SingleBlockLayer(nnx.Module):
+    """A layer holding one block (Nemotron-H): norm -> the block -> residual add. The
+    block is the layer's mixer (attention, Mamba2) or feed-forward block (MLP, MoE), at
+    HF's `layers.{i}.mixer`; its sharding is the block's plan (`LayerSharding.mixer` and
+    `.ffn` are the same rules)."""
+
+    def __init__(self, cfg: ModelConfig, index: int, dtype, sharding: LayerSharding,
+                 options: RuntimeOptions):
+        self.index = index
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
+                            zero_centred=cfg.zero_centred_norm)
+        if cfg.layer_types[index] != NO_BLOCK:
+            self.kind = cfg.layer_types[index]
+            self.mixer = _mixer(cfg, index, dtype, sharding.mixer, options)
+        else:
+            self.kind = cfg.mlp_types[index]
+            self.mixer = _ffn(cfg, index, dtype, sharding.ffn)
+        self.rules = sharding.mixer
+        self.remat = self.kind in options.remat  # rematerialised in the backward pass (training)
+
+    def __call__(self, x, positions, cache, lengths, *, mode: str):
+        residual = DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL
+
+        def run(block, h, positions, cache, lengths):
+            if self.kind == ATTENTION:
+                return block(h, positions, cache, lengths, mode=mode)
+            if self.kind in (LINEAR_ATTENTION, MAMBA):
+                return block(h, cache, lengths, mode=mode)
+            return block(h, scatter_seq=mode != "decode"), cache
+
+        with jax.named_scope(f"layer_{self.index}_{self.kind}"):
+            h = self.norm(x)
+            h, cache = (nnx.remat(run) if self.remat else run)(self.mixer, h, positions, cache, lengths)
+            return self.rules.constrain(x + h, residual), cache
+
+
+def _layer(cfg: ModelConfig, index: int, dtype, sharding: LayerSharding, options: RuntimeOptions):
+    if cfg.layer_layout == "single":
+        return SingleBlockLayer(cfg, index, dtype, sharding, options)
+    if cfg.layer_layout != "pair":
+        raise ValueError(f"unknown layer_layout {cfg.layer_layout!r}")
+    return DecoderLayer(cfg, index, dtype, sharding, options)
 
 
 class CausalLM(nnx.Module):
@@ -111,15 +177,18 @@ class CausalLM(nnx.Module):
                  options: RuntimeOptions = RuntimeOptions()):
         self.cfg = cfg
         self.sharding = sharding
+        renamed = lambda name, default: AS_IS if name == default else _renamed(name)  # noqa: E731
         self.embeds = sharding.embed is not None  # takes token ids (else hidden states)
         self.has_head = sharding.head is not None  # returns logits (else hidden states)
         tied_copy = self.has_head and cfg.tie_word_embeddings
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype) if self.embeds or tied_copy else None
+        self.embed_tokens = (Embedding(cfg.vocab_size, cfg.hidden_size, dtype, renamed(cfg.embed_name, "embed_tokens"))
+                             if self.embeds or tied_copy else None)
         # Layers another pipeline stage holds are None: indices stay global.
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype, sharding.layers[i], options)
+        self.layers = nnx.List([_layer(cfg, i, dtype, sharding.layers[i], options)
                                 if sharding.layers[i] is not None else None
                                 for i in range(cfg.num_layers)])
-        self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, zero_centred=cfg.zero_centred_norm)
+        self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, zero_centred=cfg.zero_centred_norm,
+                             hf_layout=renamed(cfg.final_norm_name, "norm"))
                      if self.has_head else None)
         self.lm_head = (LMHead(cfg.hidden_size, cfg.vocab_size, dtype)
                         if self.has_head and not cfg.tie_word_embeddings else None)
@@ -169,9 +238,10 @@ class CausalLM(nnx.Module):
 def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
                  dtype, state_dtype=jnp.float32) -> Cache:
     """The cache's abstract layout: ShapeDtypeStructs carrying their shardings. Attention
-    layers get a KV cache of `max_len` slots; GDN layers their conv and recurrent states
-    (recurrent state in `state_dtype`, float32 by default). A pipeline stage's cache holds
-    its own layers only, in order."""
+    layers get a KV cache of `max_len` slots; GDN and Mamba2 layers their conv and
+    recurrent states (recurrent state in `state_dtype`, float32 by default); layers
+    without a mixer (Nemotron-H's MLP layers) nothing. A pipeline stage's cache holds its
+    own layers only, in order."""
     layers = []
     for i in sharding.owned_layers:
         kind = cfg.layer_types[i]
@@ -180,8 +250,11 @@ def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len:
             kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype,
                                       sharding=rules.sharding(KVCache.LOGICAL_AXES))
             layers.append(KVCache(k=kv, v=kv))
+        elif kind == NO_BLOCK:
+            layers.append(None)
         else:
-            spec = gdn_cache_shapes(cfg, batch, dtype, state_dtype)
+            shapes = mamba_cache_shapes if kind == MAMBA else gdn_cache_shapes
+            spec = shapes(cfg, batch, dtype, state_dtype)
             layers.append(jax.tree.map(
                 lambda s: jax.ShapeDtypeStruct(s[0], s[1], sharding=rules.sharding(s[2])), spec,
                 is_leaf=lambda n: isinstance(n, tuple)))

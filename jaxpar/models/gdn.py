@@ -72,18 +72,21 @@ class GatedRMSNorm(nnx.Module):
         return (normed * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
 
 
-def causal_conv(x: jax.Array, state: jax.Array, weight: jax.Array, lengths: jax.Array):
-    """Depthwise causal conv1d + SiLU continuing from `state`.
+def causal_conv(x: jax.Array, state: jax.Array, weight: jax.Array, lengths: jax.Array,
+                bias: jax.Array | None = None):
+    """Depthwise causal conv1d (+ bias) + SiLU continuing from `state`.
 
     x: [B, T, Hk, C]; state: [B, K-1, Hk, C] (the previous K-1 inputs); weight [Hk, C, K];
-    lengths [B]: valid new inputs per row. Returns (out [B, T, Hk, C], new state = the
-    last K-1 valid inputs).
+    bias [Hk, C] or None; lengths [B]: valid new inputs per row. Returns
+    (out [B, T, Hk, C], new state = the last K-1 valid inputs).
     """
     k = weight.shape[-1]
     full = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, Hk, C]
     t = x.shape[1]
     w = weight.astype(jnp.float32)
     out = sum(full[:, j: j + t].astype(jnp.float32) * w[..., j] for j in range(k))
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
     idx = lengths[:, None] + jnp.arange(k - 1)[None, :]  # positions of the last K-1 valid inputs
     new_state = jnp.take_along_axis(full, idx[:, :, None, None], axis=1)
     return jax.nn.silu(out).astype(x.dtype), new_state

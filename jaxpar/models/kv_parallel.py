@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.kernels_pallas import dispatch
-from jaxpar.kernels_pallas.attention import dcp_local_lengths
+from jaxpar.kernels_pallas.attention import dcp_local_lengths, window_start
 from jaxpar.models.cache import KVCache
 from jaxpar.sharding.axis_rules import AxisRules
 
@@ -53,9 +53,10 @@ def _kv_for_local_heads(rules: AxisRules, k: jax.Array, v: jax.Array, num_heads:
 
 def decode_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                      cache: KVCache, lengths: jax.Array, *, num_heads: int, num_kv_heads: int,
-                     scale: float, impl: str) -> tuple[jax.Array, KVCache]:
+                     scale: float, impl: str, window: int | None = None) -> tuple[jax.Array, KVCache]:
     """q: [B, H, D]; k_new, v_new: [B, KVH, D]; lengths: [B] tokens cached before this one.
-    Writes the new token into its slot and attends over the cache. Returns o [B, H, D] f32."""
+    Writes the new token into its slot and attends over the cache (the last `window`
+    positions only, under a sliding window). Returns o [B, H, D] f32."""
     dcp_axes = rules.axes_for("cache_seq")
     n_dcp = rules.size("cache_seq")
 
@@ -67,9 +68,12 @@ def decode_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
         kc = kc.at[rows, slot].set(jnp.where(mine, k_new.astype(kc.dtype), kc[rows, slot]))
         vc = vc.at[rows, slot].set(jnp.where(mine, v_new.astype(vc.dtype), vc[rows, slot]))
         kk, vv = _kv_for_local_heads(rules, kc, vc, num_heads, num_kv_heads, q.shape[1])
-        # This rank's valid slots are a prefix: blocks past it are never read.
+        # This rank's valid slots are a prefix (under a window, the range from the first
+        # local slot inside it): blocks past it are never read.
         local_lens = dcp_local_lengths(lengths + 1, rank, n_dcp)
-        o, lse = dispatch.attention_decode(q, kk, vv, local_lens, scale=scale, impl=impl)
+        starts = None if window is None else dcp_local_lengths(window_start(lengths, window), rank, n_dcp)
+        o, lse = dispatch.attention_decode(q, kk, vv, local_lens, scale=scale, kv_starts=starts,
+                                           impl=impl)
         if n_dcp > 1:
             o = merge_over_ranks(o, lse, dcp_axes)
         return o, kc, vc
@@ -115,7 +119,8 @@ def write_prefill(rules: AxisRules, k: jax.Array, v: jax.Array, cache: KVCache) 
 
 def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                      cache: KVCache, positions: jax.Array, lengths: jax.Array, *, num_heads: int,
-                     num_kv_heads: int, scale: float, impl: str) -> tuple[jax.Array, KVCache]:
+                     num_kv_heads: int, scale: float, impl: str,
+                     window: int | None = None) -> tuple[jax.Array, KVCache]:
     """Chunked prefill: T new tokens at `positions` [B, T] continue a filled cache.
     q [B, T, H, D]; k_new, v_new [B, T, KVH, D]; lengths [B] valid new tokens per row."""
     dcp_axes = rules.axes_for("cache_seq")
@@ -133,7 +138,7 @@ def extend_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: ja
         kk, vv = _kv_for_local_heads(rules, kc, vc, num_heads, num_kv_heads, q.shape[2])
         kv_valid = positions[:, 0] + lengths
         o, lse = dispatch.attention_extend(q, kk, vv, positions, kv_valid, scale=scale,
-                                           dcp_rank=rank, dcp_size=n_dcp, impl=impl)
+                                           dcp_rank=rank, dcp_size=n_dcp, window=window, impl=impl)
         if n_dcp > 1:
             o = merge_over_ranks(o, lse, dcp_axes)
         return o, kc, vc

@@ -22,10 +22,10 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: Sequence[int], out_features: Sequence[int],
                  in_axes: Sequence[str | None], out_axes: Sequence[str | None], dtype,
-                 *, bias: bool = False, hf_layout: HFLayout = LINEAR):
+                 *, bias: bool = False, hf_layout: HFLayout = LINEAR, hf_bias_layout: HFLayout = AS_IS):
         self.n_in = len(in_features)
         self.weight = param((*in_features, *out_features), (*in_axes, *out_axes), dtype, hf_layout)
-        self.bias = param(tuple(out_features), tuple(out_axes), dtype, AS_IS) if bias else None
+        self.bias = param(tuple(out_features), tuple(out_axes), dtype, hf_bias_layout) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.tensordot(x, self.weight[...].astype(x.dtype), axes=self.n_in)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.models.params import param
+from jaxpar.loading.layouts import HFLayout
+from jaxpar.models.params import AS_IS, param
 
 
 def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
@@ -16,8 +17,8 @@ def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype, *, zero_centred: bool = False,
-                 axis_name: str | None = "embed"):
-        self.weight = param((dim,), (axis_name,), dtype)
+                 axis_name: str | None = "embed", hf_layout: HFLayout = AS_IS):
+        self.weight = param((dim,), (axis_name,), dtype, hf_layout)
         self.eps = eps
         self.zero_centred = zero_centred
 

@@ -1,5 +1,5 @@
-"""Rotary position embeddings (half-split convention, as HF `rotate_half`), with
-partial rotation and the linear / llama3 frequency scalings."""
+"""Rotary position embeddings (half-split convention, as HF `rotate_half`, or interleaved
+pairs as GLM), with partial rotation and the linear / llama3 frequency scalings."""
 
 from __future__ import annotations
 
@@ -29,13 +29,22 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [..., T, H, D]; positions: [..., T]. Rotates the first 2*len(inv_freq) dims."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *,
+               interleaved: bool = False) -> jax.Array:
+    """x: [..., T, H, D]; positions: [..., T]. Rotates the first 2*len(inv_freq) dims:
+    frequency i turns the pair (x[i], x[i + rot/2]), or with `interleaved` the pair
+    (x[2i], x[2i + 1])."""
     rot = 2 * inv_freq.shape[0]
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., T, rot/2]
     cos = jnp.cos(angles)[..., None, :]
     sin = jnp.sin(angles)[..., None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2, rest = x32[..., : rot // 2], x32[..., rot // 2: rot], x32[..., rot:]
+    rest = x32[..., rot:]
+    if interleaved:
+        pairs = x32[..., :rot].reshape(*x.shape[:-1], rot // 2, 2)
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        turned = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return jnp.concatenate([turned.reshape(*x.shape[:-1], rot), rest], axis=-1).astype(x.dtype)
+    x1, x2 = x32[..., : rot // 2], x32[..., rot // 2: rot]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return rotated.astype(x.dtype)

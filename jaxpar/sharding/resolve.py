@@ -25,7 +25,7 @@ from typing import Sequence
 
 import jax
 
-from jaxpar.config import ATTENTION, ModelConfig
+from jaxpar.config import ATTENTION, NO_BLOCK, ModelConfig
 from jaxpar.sharding.axis_rules import AxisRules, MeshAxes
 from jaxpar.sharding.mesh import Group, build_mesh
 from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding, PipelineSharding
@@ -35,6 +35,7 @@ from jaxpar.sharding.rules import Rule, RuleTable, RuleTableError, preset
 KIND_FEATURES = {
     "attention": ("tp_size", "dcp_size", "dp_size", "sp"),
     "linear_attention": ("tp_size",),
+    "mamba": ("tp_size",),
     "mlp": ("tp_size", "sp"),
     "moe": ("tp_size", "ep_size", "sp"),
     "embed": ("tp_size",),
@@ -56,6 +57,11 @@ ARCH_KINDS = {
     "qwen3_5_moe": _HYBRID + ("moe",),
     "qwen3_5_text": _HYBRID,
     "qwen3_5": _HYBRID,
+    # Llama derivatives and Nemotron-H (Mamba2 + attention + MLP layers).
+    "mistral": _DENSE,
+    "phi3": _DENSE,
+    "glm4": _DENSE,
+    "nemotron_h": ("attention", "mamba", "mlp", "embed", "lm_head"),
 }
 
 
@@ -119,8 +125,12 @@ class Block:
 
 def model_blocks(cfg: ModelConfig) -> list[Block]:
     prefix = cfg.weight_prefix
-    blocks = [Block(f"{prefix}embed_tokens", "embed", None)]
+    blocks = [Block(f"{prefix}{cfg.embed_name}", "embed", None)]
     for i in range(cfg.num_layers):
+        if cfg.layer_layout == "single":  # Nemotron-H: one block per layer, at layers.{i}.mixer
+            kind = cfg.layer_types[i] if cfg.layer_types[i] != NO_BLOCK else cfg.mlp_types[i]
+            blocks.append(Block(f"{prefix}layers.{i}.mixer", kind, i))
+            continue
         mixer = "self_attn" if cfg.layer_types[i] == ATTENTION else "linear_attn"
         blocks.append(Block(f"{prefix}layers.{i}.{mixer}", cfg.layer_types[i], i))
         blocks.append(Block(f"{prefix}layers.{i}.mlp", cfg.mlp_types[i], i))
@@ -163,6 +173,13 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
         if cfg.intermediate_size % t:
             raise RuleTableError(f"{where}: intermediate_size={cfg.intermediate_size} is not divisible by "
                                  f"tp_size={t} (jaxpar does not pad the MLP; choose a tp_size that divides it)")
+    elif block.kind == "mamba":
+        g = cfg.mamba_n_groups
+        if g % t:
+            raise RuleTableError(f"{where}: tp_size={t} must divide the Mamba2 mixer's n_groups={g} "
+                                 f"(it is split by heads with each SSM group whole on one rank; "
+                                 f"tp_size={t} would split a group of {cfg.mamba_num_heads // g} heads "
+                                 "sharing B and C; use tp_size: 1 to replicate it)")
     elif block.kind == "linear_attention":
         if cfg.linear_num_key_heads % t:
             raise RuleTableError(f"{where}: tp_size={t} must divide linear_num_key_heads="
@@ -362,6 +379,10 @@ def _model_sharding(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPla
             # Key heads and their value heads split together (GDN TP contract).
             r["lin_k_heads"] = tp_axes
             r["lin_v_heads"] = tp_axes
+        elif plan.kind == "mamba":
+            # Heads split with their groups: each rank holds whole groups and their heads.
+            r["ssm_heads"] = tp_axes
+            r["ssm_groups"] = tp_axes
         elif plan.kind == "mlp":
             r["ffn"] = tp_axes
         elif plan.kind == "moe":
@@ -378,8 +399,10 @@ def _model_sharding(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPla
     by_block = {p.block: rules(p, g) for p, g in labelled}
     layers = []
     for i in range(cfg.num_layers):
-        mixer = next(p for p in plans if p.layer == i and p.kind == cfg.layer_types[i])
-        ffn = next(p for p in plans if p.layer == i and p.kind == cfg.mlp_types[i])
+        # A layer holding one block (Nemotron-H) gives both roles the block's rules.
+        own = [p for p in plans if p.layer == i]
+        mixer = next((p for p in own if p.kind == cfg.layer_types[i]), own[0])
+        ffn = next((p for p in own if p.kind == cfg.mlp_types[i]), own[-1])
         layers.append(LayerSharding(mixer=by_block[mixer.block], ffn=by_block[ffn.block]))
     embed = next(p for p in plans if p.kind == "embed")
     head = next(p for p in plans if p.kind == "lm_head")

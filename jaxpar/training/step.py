@@ -33,7 +33,7 @@ from jaxpar.training.data import Batch
 from jaxpar.training.loss import causal_lm_loss
 from jaxpar.training.optimizer import OptimizerConfig, make_optimizer
 
-REMAT_KINDS = ("attention", "linear_attention", "mlp", "moe")
+REMAT_KINDS = ("attention", "linear_attention", "mamba", "mlp", "moe")
 
 
 def loss_fn(graphdef, params, batch: Batch):
