@@ -12,6 +12,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jaxpar
+from jaxpar.assembly import make_sharding
 from jaxpar.models.decoder import init_cache
 from jaxpar.sharding.rules import RuleTableError
 from tests import hf_models
@@ -199,6 +200,23 @@ def test_gdn_split_by_key_head_groups(loaded):
     assert {s.data.shape for s in gdn.in_proj_q.weight[...].addressable_shards} == {(64, 1, 16)}
     assert {s.data.shape for s in gdn.conv_v[...].addressable_shards} == {(1, 32, 4)}
     assert {s.data.shape for s in gdn.out_proj.weight[...].addressable_shards} == {(1, 32, 64)}
+
+
+def test_gdn_tp_prefill_moves_only_what_replicated_gdn_moves(loaded):
+    """GDN under TP communicates only through out_proj's all-reduce (its TP contract): the
+    prefill of a GDN-split model has the all-gathers of the GDN-replicated one, and one
+    more all-reduce per GDN layer."""
+    from jaxpar.sharding.inspect import step_collectives
+
+    model = loaded("qwen3_5")
+    stats = {}
+    for name in ("gdn-tp4", "gdn-replicated-tp4"):
+        sharding = make_sharding(model.cfg, GDN_POLICIES[name], devices=jax.devices()[:4])
+        stats[name] = step_collectives(model.cfg, sharding, jnp.float32, 2, 64)[0]
+    split, replicated = stats["gdn-tp4"], stats["gdn-replicated-tp4"]
+    n_gdn = model.cfg.layer_types.count("linear_attention")
+    assert split["all-gather"].count == replicated["all-gather"].count
+    assert split["all-reduce"].count == replicated["all-reduce"].count + n_gdn
 
 
 def test_gdn_tp_not_dividing_key_heads_is_refused(hybrid_models):

@@ -142,6 +142,26 @@ class GatedDeltaNet(nnx.Module):
             z, b, a = self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         return q, k, v, z, b, a
 
+    def _chunked(self, q, k, v, g, beta, state, lengths, impl):
+        """The chunked rule per shard of key heads, in `shard_map`: heads are independent,
+        so nothing crosses devices (under plain GSPMD the kernel's chunking reshapes lose
+        the head split and XLA all-gathers q, k, v). The sequence is whole on every rank."""
+        rules = self.rules
+
+        def run(q, k, v, g, beta, lengths, *state):
+            return dispatch.gated_delta_rule_chunked(q, k, v, g, beta, initial_state=state[0] if state else None,
+                                                     lengths=lengths, impl=impl)
+
+        if rules.mesh.size == 1:
+            return run(q, k, v, g, beta, lengths, *(() if state is None else (state,)))
+        qk = rules.spec(("batch", None, "lin_k_heads", None))
+        vs = rules.spec(("batch", None, "lin_v_heads", None))
+        gb = rules.spec(("batch", None, "lin_v_heads"))
+        st = rules.spec(STATE_AXES)
+        states = () if state is None else (state,)
+        return jax.shard_map(run, mesh=rules.mesh, in_specs=(qk, qk, vs, gb, gb, rules.spec(("batch",)))
+                             + (st,) * len(states), out_specs=(vs, st), check_vma=False)(q, k, v, g, beta, lengths, *states)
+
     def __call__(self, x: jax.Array, cache: GDNCache | None, lengths: jax.Array, *,
                  mode: str) -> tuple[jax.Array, GDNCache | None]:
         """x: [B, T, E]. mode "prefill" / "extend" continue from `cache` (zeros when
@@ -175,8 +195,7 @@ class GatedDeltaNet(nnx.Module):
                                                             state, impl=impl("gated_delta_rule_decode"))
                 o = o[:, None]
             else:
-                o, state = dispatch.gated_delta_rule_chunked(q, k, v, g, beta, initial_state=state,
-                                                             lengths=lengths, impl=impl("gated_delta_rule_chunked"))
+                o, state = self._chunked(q, k, v, g, beta, state, lengths, impl("gated_delta_rule_chunked"))
         o = self.norm(o.astype(x.dtype), z.reshape(bsz, t, hv, dv))
         out = self.out_proj(o.reshape(bsz, t, hk, r * dv))
         out = self.rules.constrain(out, ("batch", "seq", "embed"))
