@@ -142,7 +142,10 @@ def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     tall, Qwen3-Next's GDN projections fused per key head (`in_proj_qkvz`, `in_proj_ba`)
     and Qwen3.5's split (`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`)."""
     kind = hf["model_type"]
-    if kind not in ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"):
+    if kind == "nemotron_h":
+        return _nemotron_h_tensor_shapes(hf)
+    if kind not in ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
+                    "mistral", "phi3", "glm4"):
         raise ValueError(f"no torch-free HF tensor layout for model_type {kind!r}: add it to "
                          "tests/hf_models.hf_tensor_shapes (tests/test_hf_models.py checks it against HF)")
     hidden, layers = hf["hidden_size"], hf["num_hidden_layers"]
@@ -150,7 +153,7 @@ def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     head_dim = hf.get("head_dim") or hidden // heads
     hybrid = kind in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
     qkv_bias = kind == "qwen2" or bool(hf.get("attention_bias"))
-    o_bias = kind != "qwen2" and bool(hf.get("attention_bias"))
+    o_bias = kind not in ("qwen2", "glm4") and bool(hf.get("attention_bias"))  # GLM-4: q, k, v only
     experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
     sparse_step = hf.get("decoder_sparse_step") or 1
     dense_only = set(hf.get("mlp_only_layers") or [])
@@ -160,13 +163,18 @@ def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (hidden,)
         out[p + "post_attention_layernorm.weight"] = (hidden,)
+        if kind == "glm4":  # norms of the attention and MLP outputs
+            out[p + "post_self_attn_layernorm.weight"] = out[p + "post_mlp_layernorm.weight"] = (hidden,)
         if mixer == "full_attention":
             a = p + "self_attn."
-            _linear(out, a + "q_proj", heads * head_dim * (2 if hybrid else 1), hidden, qkv_bias)
-            _linear(out, a + "k_proj", kv_heads * head_dim, hidden, qkv_bias)
-            _linear(out, a + "v_proj", kv_heads * head_dim, hidden, qkv_bias)
+            if kind == "phi3":  # q, k and v fused
+                _linear(out, a + "qkv_proj", (heads + 2 * kv_heads) * head_dim, hidden)
+            else:
+                _linear(out, a + "q_proj", heads * head_dim * (2 if hybrid else 1), hidden, qkv_bias)
+                _linear(out, a + "k_proj", kv_heads * head_dim, hidden, qkv_bias)
+                _linear(out, a + "v_proj", kv_heads * head_dim, hidden, qkv_bias)
             _linear(out, a + "o_proj", hidden, heads * head_dim, o_bias)
-            if kind not in ("llama", "qwen2"):
+            if kind not in ("llama", "qwen2", "mistral", "phi3", "glm4"):
                 out[a + "q_norm.weight"] = out[a + "k_norm.weight"] = (head_dim,)
         else:
             a = p + "linear_attn."
@@ -193,9 +201,49 @@ def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
             if hf.get("shared_expert_intermediate_size"):
                 _mlp(out, m + "shared_expert.", hidden, hf["shared_expert_intermediate_size"])
                 _linear(out, m + "shared_expert_gate", 1, hidden)
+        elif kind in ("phi3", "glm4"):  # gate and up fused
+            _linear(out, m + "gate_up_proj", 2 * hf["intermediate_size"], hidden)
+            _linear(out, m + "down_proj", hidden, hf["intermediate_size"])
         else:
             _mlp(out, m, hidden, hf["intermediate_size"], bool(hf.get("mlp_bias")))
     out["model.norm.weight"] = (hidden,)
+    if not hf.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (hf["vocab_size"], hidden)
+    return out
+
+
+def _nemotron_h_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """Nemotron-H: one block per layer under `backbone.` (Mamba2 mixer, attention without
+    biases or rotary, relu2 MLP); `layers_block_type` names the kinds."""
+    hidden, b = hf["hidden_size"], "backbone."
+    heads, kv_heads, head_dim = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    inner = hf["mamba_num_heads"] * hf["mamba_head_dim"]
+    conv = inner + 2 * hf["n_groups"] * hf["ssm_state_size"]
+    out: dict[str, tuple[int, ...]] = {b + "embeddings.weight": (hf["vocab_size"], hidden)}
+    for i, kind in enumerate(hf["layers_block_type"]):
+        p = f"{b}layers.{i}."
+        out[p + "norm.weight"] = (hidden,)
+        m = p + "mixer."
+        if kind in ("mamba", "linear_attention"):
+            _linear(out, m + "in_proj", conv + inner + hf["mamba_num_heads"], hidden, hf["use_bias"])
+            out[m + "conv1d.weight"] = (conv, 1, hf["conv_kernel"])
+            if hf["use_conv_bias"]:
+                out[m + "conv1d.bias"] = (conv,)
+            out[m + "dt_bias"] = out[m + "A_log"] = out[m + "D"] = (hf["mamba_num_heads"],)
+            out[m + "norm.weight"] = (inner,)
+            _linear(out, m + "out_proj", hidden, inner, hf["use_bias"])
+        elif kind in ("attention", "full_attention"):
+            bias = bool(hf.get("attention_bias"))
+            _linear(out, m + "q_proj", heads * head_dim, hidden, bias)
+            _linear(out, m + "k_proj", kv_heads * head_dim, hidden, bias)
+            _linear(out, m + "v_proj", kv_heads * head_dim, hidden, bias)
+            _linear(out, m + "o_proj", hidden, heads * head_dim, bias)
+        elif kind == "mlp":
+            _linear(out, m + "up_proj", hf["intermediate_size"], hidden, bool(hf.get("mlp_bias")))
+            _linear(out, m + "down_proj", hidden, hf["intermediate_size"], bool(hf.get("mlp_bias")))
+        else:
+            raise ValueError(f"no torch-free layout for Nemotron-H block kind {kind!r}")
+    out[b + "norm_f.weight"] = (hidden,)
     if not hf.get("tie_word_embeddings"):
         out["lm_head.weight"] = (hf["vocab_size"], hidden)
     return out

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from tests import hf_models
 
-FAMILIES = hf_models.TINY_FAMILIES + hf_models.HYBRID_FAMILIES
+FAMILIES = hf_models.TINY_FAMILIES + hf_models.HYBRID_FAMILIES + ("mistral", "phi3", "glm4", "nemotron_h")
 OVERRIDES = {  # configs other tests ask for
     "llama-12-heads": ("llama", dict(num_attention_heads=12, num_key_value_heads=3, hidden_size=96)),
     "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
