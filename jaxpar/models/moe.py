@@ -27,7 +27,11 @@ Local computation, chosen per call from the (static) token count:
 - "gather": for decode with few tokens (N * k < E/ep), gather the N*k selected experts'
   weight slices (non-local selections read expert 0 with weight 0) and compute only those:
   N*k slices read instead of all E/ep local experts.
-Long prefills would want a grouped (sorted, ragged) matmul instead of "dense"; not done here.
+- "grouped": every (token, expert) pair computed once, tokens sorted by expert and the
+  experts run as grouped matmuls (`jaxpar.models.grouped_matmul`: `jax.lax.ragged_dot` on
+  GPU/TPU, a tiled batched matmul on CPU), capacity-free. The default ("auto") for prefill.
+"auto" is "gather" when N * k < E/ep (decode), else "grouped"; "dense" stays selectable
+(it can be faster on CPU for short prompts: `scripts/bench_moe_flops.py` times all three).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.loading.layouts import ExpertStack, HFLayout
+from jaxpar.models.grouped_matmul import GROUPED_BODIES, default_body, grouped_experts
 from jaxpar.models.linear import Linear
 from jaxpar.models.mlp import MLP
 from jaxpar.models.params import param
@@ -46,7 +51,7 @@ from jaxpar.sharding.axis_rules import AxisRules
 # Ours: gate/up [experts, hidden, ffn], down [experts, ffn, hidden] (x @ w per expert).
 IN_AXES = ("experts", "embed", "expert_ffn")
 OUT_AXES = ("experts", "expert_ffn", "embed")
-IMPLS = ("auto", "dense", "gather")
+IMPLS = ("auto", "dense", "gather", "grouped")
 
 
 def _in_stack(kind: str, ffn: int) -> ExpertStack:
@@ -98,9 +103,15 @@ def _gather_local(x, top_i, top_w, wg, wu, wd, first_expert):
 class SparseMoE(nnx.Module):
     """HF module `model.layers.{i}.mlp` of a MoE layer. x: [B, T, H] -> [B, T, H]."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rules: AxisRules, *, impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, dtype, rules: AxisRules, *, impl: str = "auto",
+                 grouped_body: str | None = None):
+        """`grouped_body`: the grouped path's matmul ("ragged" / "tiled";
+        `jaxpar.models.grouped_matmul`), None = the platform's default."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if grouped_body not in (None, *GROUPED_BODIES):
+            raise ValueError(f"grouped_body must be one of {GROUPED_BODIES} or None, got {grouped_body!r}")
+        self.grouped_body = grouped_body
         h, n = cfg.hidden_size, cfg.num_experts
         self.gate = Linear((h,), (n,), ("embed",), (None,), dtype)  # router, replicated
         self.experts = Experts(n, h, cfg.moe_intermediate_size, dtype)
@@ -123,10 +134,11 @@ class SparseMoE(nnx.Module):
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         return top_w.astype(x.dtype), top_i.astype(jnp.int32)
 
-    def _use_gather(self, tokens: int) -> bool:
+    def local_impl(self, tokens: int) -> str:
+        """"dense", "gather" or "grouped" for a call on `tokens` tokens (static)."""
         if self.impl != "auto":
-            return self.impl == "gather"
-        return tokens * self.top_k < self.num_experts // self.rules.size("experts")
+            return self.impl
+        return "gather" if tokens * self.top_k < self.num_experts // self.rules.size("experts") else "grouped"
 
     def _scatter_axes(self, x: jax.Array, reduce_axes: tuple[str, ...]) -> tuple[str, ...]:
         """The sequence-parallel axes when the expert partial sums can be reduce-scattered
@@ -151,15 +163,18 @@ class SparseMoE(nnx.Module):
         weights = [w[...].astype(x.dtype) for w in
                    (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
         b, t, hidden = x.shape
-        gather = self._use_gather(b * t)
+        impl = self.local_impl(b * t)
+        gather = impl != "dense"  # gather and grouped both take the top-k ids and weights
+        body = self.grouped_body or default_body(rules.mesh.devices.flat[0].platform)
 
         def local(x, sel, wts, wg, wu, wd):
             xb, xt = x.shape[:2]
             flat = x.reshape(xb * xt, hidden)
             if gather:
                 first = jax.lax.axis_index(ep_axes) * wg.shape[0] if ep_axes else 0
-                y = _gather_local(flat, sel.reshape(xb * xt, -1), wts.reshape(xb * xt, -1),
-                                  wg, wu, wd, first)
+                fn = _gather_local if impl == "gather" else (
+                    lambda *a: grouped_experts(*a, body=body))
+                y = fn(flat, sel.reshape(xb * xt, -1), wts.reshape(xb * xt, -1), wg, wu, wd, first)
             else:
                 y = _dense_local(flat, wts.reshape(xb * xt, -1), wg, wu, wd)
             y = y.astype(x.dtype).reshape(xb, xt, hidden)
