@@ -42,6 +42,7 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.loading.layouts import ExpertStack, HFLayout
+from jaxpar.models.fp8_weights import dequantize
 from jaxpar.models.grouped_matmul import GROUPED_BODIES, default_body, grouped_experts
 from jaxpar.models.linear import Linear
 from jaxpar.models.mlp import MLP
@@ -76,6 +77,17 @@ class Experts(nnx.Module):
         self.gate_proj = param(shape_in, IN_AXES, dtype, _in_stack("gate", ffn))
         self.up_proj = param(shape_in, IN_AXES, dtype, _in_stack("up", ffn))
         self.down_proj = param(shape_out, OUT_AXES, dtype, DOWN_STACK)
+
+    def weights(self, dtype) -> list[jax.Array]:
+        """gate, up, down in `dtype` (kept-fp8 ones multiplied by their block scales,
+        `jaxpar.models.fp8`)."""
+        out = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            scale = getattr(self, name + "_scale_inv", None)
+            w = getattr(self, name)[...]
+            out.append(w.astype(dtype) if scale is None else
+                       dequantize(w, scale[...], getattr(self, name + "_fp8_view"), dtype))
+        return out
 
 
 def _dense_local(x, combine, wg, wu, wd):
@@ -160,8 +172,7 @@ class SparseMoE(nnx.Module):
         ep_axes, tp_axes = rules.axes_for("experts"), rules.axes_for("expert_ffn")
         reduce_axes = tuple(ep_axes) + tuple(a for a in tp_axes if a not in ep_axes)
         scatter_axes = self._scatter_axes(x, reduce_axes) if scatter_seq else ()
-        weights = [w[...].astype(x.dtype) for w in
-                   (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
+        weights = self.experts.weights(x.dtype)
         b, t, hidden = x.shape
         impl = self.local_impl(b * t)
         gather = impl != "dense"  # gather and grouped both take the top-k ids and weights
