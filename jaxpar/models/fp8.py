@@ -45,9 +45,9 @@ def _check_split(key: str, var, view, rules) -> None:
         if ways > 1 and view.blocks[d] > 1 and (view.view[d] // ways) % view.blocks[d]:
             raise ScaleBlockSplitError(
                 f"{key}: a {ways}-way split of its {view.view[d]}-long dim gives {view.view[d] // ways} per "
-                f"device, which cuts through fp8 scale blocks of {view.blocks[d]} (weight_block_size); use "
-                f"a plan splitting it into a divisor of {view.view[d] // view.blocks[d]}, or load with "
-                "dequantize=True")
+                f"device, which cuts through its fp8 scale blocks of {view.blocks[d]} (weight_block_size): "
+                f"a split must divide its {-(-view.view[d] // view.blocks[d])} block(s); choose another plan "
+                "or load with dequantize=True")
 
 
 def keep_fp8(model: nnx.Module, cfg: ModelConfig, quant: BlockFP8, source: TensorSource,
