@@ -8,7 +8,7 @@ bodies; "gather": the decode path) the MoE block (router + routed experts) is co
 abstract weights and its `cost_analysis()["flops"]` read, per device. The sparse minimum is
 the router plus 3 matmuls per (token, selected expert) pair (`sparse_flops`), divided by the
 devices the experts are split over. With `--time`, each path also runs on random weights
-(median of 5 after a warm-up).
+(median of 5 after a warm-up). "auto" is the path the block picks by itself.
 
 Expert parallelism (`--ep N`, N of `--devices` fake CPU devices): without an all-to-all
 every rank sees every token and must, capacity-free, provide for all of them choosing its
@@ -54,7 +54,7 @@ from jaxpar.sharding.rules import parse_rule_table  # noqa: E402
 DEFAULT_BLOCK = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=256, intermediate_size=96,
                      moe_intermediate_size=96, num_experts=128, num_experts_per_tok=8,
                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=64)
-PATHS = ("dense", "grouped:tiled", "grouped:ragged", "gather")
+PATHS = ("dense", "grouped:tiled", "grouped:ragged", "gather", "auto")
 
 
 def block_rules(cfg: ModelConfig, ep: int, devices: int):
@@ -140,10 +140,13 @@ def main(argv=None) -> int:
             flops = compiled_flops(cfg, rules, path, tokens)
             row = {"tokens": tokens, "path": path, "flops": flops, "minimum_flops": minimum,
                    "ratio": flops / minimum}
+            if path == "auto":  # which path "auto" takes here
+                block = nnx.eval_shape(lambda: SparseMoE(cfg, jnp.float32, rules))
+                row["path"] = "auto=" + block.local_impl(tokens)
             if args.time:
                 row["ms"] = wall_ms(cfg, rules, path, tokens)
             rows.append(row)
-            print(f"{tokens:>6} {path:>15} {flops / 1e9:>9.4f} {minimum / 1e9:>9.4f} {flops / minimum:>7.2f}"
+            print(f"{tokens:>6} {row['path']:>15} {flops / 1e9:>9.4f} {minimum / 1e9:>9.4f} {flops / minimum:>7.2f}"
                   + (f"  {row['ms']:>9.2f}" if args.time else ""))
     out = write_json(args.out, {"block": DEFAULT_BLOCK, "ep": rules.size("experts"),
                                 "expert_tp": rules.size("expert_ffn"), "devices": args.devices, "rows": rows})

@@ -88,3 +88,20 @@ def test_prefill_flops_near_sparse_minimum(bench):
     assert grouped <= 1.3, grouped
     # The dense path computes every expert for every token: about E/k = 8 times the minimum.
     assert dense > 0.8 * cfg.num_experts / cfg.num_experts_per_tok, dense
+
+
+def test_auto_choice(bench):
+    """Decode gathers; prefill is grouped, except with the CPU's tiled body below TILED_MIN_ROWS
+    rows per expert, where the dense path is faster; with ragged_dot (GPU/TPU) always grouped."""
+    from flax import nnx
+
+    from jaxpar.models.moe import TILED_MIN_ROWS, SparseMoE
+
+    cfg = config_from_hf_dict(bench.DEFAULT_BLOCK)  # 128 experts, top-8
+    rules = bench.block_rules(cfg, 1, 1)
+    cpu = nnx.eval_shape(lambda: SparseMoE(cfg, jnp.float32, rules))
+    ragged = nnx.eval_shape(lambda: SparseMoE(cfg, jnp.float32, rules, grouped_body="ragged"))
+    threshold = TILED_MIN_ROWS * cfg.num_experts // cfg.num_experts_per_tok  # tokens
+    assert [cpu.local_impl(n) for n in (1, 15, 16, threshold - 1, threshold)] == [
+        "gather", "gather", "dense", "dense", "grouped"]
+    assert [ragged.local_impl(n) for n in (15, 16, threshold)] == ["gather", "grouped", "grouped"]

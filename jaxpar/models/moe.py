@@ -30,8 +30,9 @@ Local computation, chosen per call from the (static) token count:
 - "grouped": every (token, expert) pair computed once, tokens sorted by expert and the
   experts run as grouped matmuls (`jaxpar.models.grouped_matmul`: `jax.lax.ragged_dot` on
   GPU/TPU, a tiled batched matmul on CPU), capacity-free. The default ("auto") for prefill.
-"auto" is "gather" when N * k < E/ep (decode), else "grouped"; "dense" stays selectable
-(it can be faster on CPU for short prompts: `scripts/bench_moe_flops.py` times all three).
+"auto" is "gather" when N * k < E/ep (decode), else "grouped" — except on CPU below
+`TILED_MIN_ROWS` rows per expert, where "dense" is faster (`scripts/bench_moe_flops.py --time`
+times all paths and auto's choice).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ from jaxpar.sharding.axis_rules import AxisRules
 IN_AXES = ("experts", "embed", "expert_ffn")
 OUT_AXES = ("experts", "expert_ffn", "embed")
 IMPLS = ("auto", "dense", "gather", "grouped")
+# With the CPU's tiled grouped matmul, "auto" keeps the dense path below this many rows per
+# expert on average (N * k / E): each tile gathers its expert's weights, which costs more than
+# the dense path's extra FLOPs there (scripts/bench_moe_flops.py --time, 128 experts top-8:
+# 128 tokens (8 rows/expert) grouped 293 ms vs dense 84 ms; 512 tokens (32) 298 vs 329 ms).
+TILED_MIN_ROWS = 32
 
 
 def _in_stack(kind: str, ffn: int) -> ExpertStack:
@@ -146,11 +152,18 @@ class SparseMoE(nnx.Module):
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         return top_w.astype(x.dtype), top_i.astype(jnp.int32)
 
+    def grouped_matmul_body(self) -> str:
+        return self.grouped_body or default_body(self.rules.mesh.devices.flat[0].platform)
+
     def local_impl(self, tokens: int) -> str:
         """"dense", "gather" or "grouped" for a call on `tokens` tokens (static)."""
         if self.impl != "auto":
             return self.impl
-        return "gather" if tokens * self.top_k < self.num_experts // self.rules.size("experts") else "grouped"
+        if tokens * self.top_k < self.num_experts // self.rules.size("experts"):
+            return "gather"
+        if self.grouped_matmul_body() == "tiled" and tokens * self.top_k < TILED_MIN_ROWS * self.num_experts:
+            return "dense"
+        return "grouped"
 
     def _scatter_axes(self, x: jax.Array, reduce_axes: tuple[str, ...]) -> tuple[str, ...]:
         """The sequence-parallel axes when the expert partial sums can be reduce-scattered
@@ -176,7 +189,7 @@ class SparseMoE(nnx.Module):
         b, t, hidden = x.shape
         impl = self.local_impl(b * t)
         gather = impl != "dense"  # gather and grouped both take the top-k ids and weights
-        body = self.grouped_body or default_body(rules.mesh.devices.flat[0].platform)
+        body = self.grouped_matmul_body()
 
         def local(x, sel, wts, wg, wu, wd):
             xb, xt = x.shape[:2]
