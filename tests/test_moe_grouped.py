@@ -51,6 +51,7 @@ def _routing(rng, skewed: bool):
 
 
 _grouped = jax.jit(grouped_experts, static_argnames=("body",))
+_dense = jax.jit(_dense_local)
 
 
 @pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "skewed"])
@@ -62,7 +63,7 @@ def test_grouped_equals_dense(body, skewed):
     np.put_along_axis(combine, top_i, top_w, axis=1)
     # The whole expert set, and a rank holding experts [4, 8) (others' pairs give nothing).
     for lo, hi in ((0, E), (4, E)):
-        want = np.asarray(_dense_local(x, combine[:, lo:hi], wg[lo:hi], wu[lo:hi], wd[lo:hi]))
+        want = np.asarray(_dense(x, combine[:, lo:hi], wg[lo:hi], wu[lo:hi], wd[lo:hi]))
         got = np.asarray(_grouped(x, top_i, top_w, wg[lo:hi], wu[lo:hi], wd[lo:hi], lo, body=body))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
