@@ -31,7 +31,7 @@ from jaxpar.loading.loader import load_params, skipped_tensors
 from jaxpar.loading.orbax_reader import OrbaxReader, is_orbax_checkpoint
 from jaxpar.loading.sources import CountingSource, SafetensorsSource, TensorSource
 from jaxpar.models.decoder import CausalLM
-from jaxpar.models.fp8 import keep_fp8
+from jaxpar.models.fp8 import keep_fp8, keep_fp8_like
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
 from jaxpar.sharding.resolve import build_pipeline, build_sharding
@@ -229,16 +229,20 @@ def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
 
 
 def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
-                   options: RuntimeOptions = RuntimeOptions(), *, fp8_from: OpenedCheckpoint | None = None):
+                   options: RuntimeOptions = RuntimeOptions(), *, fp8_from: OpenedCheckpoint | None = None,
+                   fp8_like: CausalLM | None = None):
     """(graphdef, state): the model built without allocating, each parameter a
     ShapeDtypeStruct carrying its NamedSharding under `sharding` (a pipeline stage's
     sharding gives that stage's part of the model). `fp8_from`: an FP8 block-scaled
     checkpoint opened with dequantize=False, whose quantised weights the model keeps in fp8
-    with their scales (`jaxpar.models.fp8`)."""
+    with their scales (`jaxpar.models.fp8`); `fp8_like`: a loaded model whose fp8 weights
+    this one keeps too (placing it on another sharding)."""
     def build():
         model = CausalLM(cfg, dtype, sharding, options)
         if fp8_from is not None and fp8_from.quantization is not None:
             model = keep_fp8(model, cfg, fp8_from.quantization, fp8_from.tensors(), sharding)
+        if fp8_like is not None:
+            model = keep_fp8_like(model, fp8_like, sharding)
         return model
 
     abstract = nnx.eval_shape(build)

@@ -113,14 +113,6 @@ def test_kept_fp8_matches_dequantised_weights(fp8_model):
     _close(model.logits(IDS), reference, 1e-5)
 
 
-def test_dequantize_at_load(fp8_model):
-    root, reference = fp8_model
-    model = jaxpar.load(root / "fp8", tokenizer=False, dequantize=True)
-    assert model.module.layers[0].self_attn.q_proj.weight[...].dtype == jax.numpy.float32
-    assert model.module.layers[0].self_attn.q_proj.weight_scale_inv is None
-    np.testing.assert_array_equal(model.logits(IDS), reference)
-
-
 @hf_models.needs_torch
 def test_matches_hf_dequantised(fp8_model):
     """HF transformers reads the fp8 folder itself (its FineGrainedFP8 loader dequantises on
@@ -151,6 +143,8 @@ def test_split_through_scale_block(fp8_model):
     # Dequantised at load, any split works: each device reads the scale blocks it cuts through.
     model = jaxpar.load(root / "fp8", policy=CUTS_BLOCKS, devices=jax.devices()[:4], tokenizer=False,
                         dequantize=True)
+    experts = model.module.layers[0].mlp.experts
+    assert experts.gate_proj[...].dtype == jax.numpy.float32 and getattr(experts, "gate_proj_scale_inv", None) is None
     _close(model.logits(IDS), reference, 1e-5)
 
 
@@ -167,3 +161,26 @@ def test_unsupported_quantization(fp8_model, tmp_path, quantization, message):
     for dequantize in (False, True):
         with pytest.raises(jaxpar.UnsupportedQuantizationError, match=message):
             jaxpar.load(tmp_path / "m", tokenizer=False, dequantize=dequantize)
+
+
+def test_pipeline_stages_and_engine_placement(fp8_model):
+    """Kept fp8 through pipeline stages (each stage reads its layers' weights and scales), and
+    a loaded model placed on another sharding (the engine's prefill / decode stages) keeps
+    its fp8 weights and their scales."""
+    from jaxpar.assembly import make_sharding
+    from jaxpar.engine.placement import place
+
+    root, reference = fp8_model
+    _close(jaxpar.load(root / "fp8", policy={"axes": {"pp": 2}}, devices=jax.devices()[:2],
+                       tokenizer=False).logits(IDS), reference, 1e-5)
+    model = jaxpar.load(root / "fp8", tokenizer=False)
+    placed = place(model.module, make_sharding(model.cfg, SHARDED, devices=jax.devices()[:4]), jax.numpy.float32)
+    experts = placed.layers[0].mlp.experts
+    assert experts.up_proj[...].dtype == jax.numpy.float8_e4m3fn
+    assert {s.data.shape for s in experts.up_proj_scale_inv[...].addressable_shards} == {(2, 2, 2)}
+    # The same weights once dequantised in the matmul: the placed model computes as the loaded one.
+    loaded = model.module.layers[0].mlp.experts
+    for got, want in zip(experts.weights(jax.numpy.float32), loaded.weights(jax.numpy.float32)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(placed.layers[1].mlp.down_proj.kernel(jax.numpy.float32)),
+                                  np.asarray(model.module.layers[1].mlp.down_proj.kernel(jax.numpy.float32)))

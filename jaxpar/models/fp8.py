@@ -50,15 +50,32 @@ def _check_split(key: str, var, view, rules) -> None:
                 "or load with dequantize=True")
 
 
+def _declare(node, ppath: tuple, attr: str, layout, view, shardings: ParamShardings) -> None:
+    """Makes `node.<attr>` a float8_e4m3fn parameter with float32 scales `<attr>_scale_inv`
+    (read through `layout`), after checking the split of its blocks."""
+    var = getattr(node, attr)
+    _check_split("/".join(map(str, ppath)), var, view, shardings.rules_for_param(ppath))
+    shape = tuple(var.get_value().shape)
+    axes = tuple(var.logical_axes[g[0]] if g else None for g in view.groups)
+    setattr(node, attr, nnx.Param(jnp.zeros(shape, jnp.float8_e4m3fn), logical_axes=var.logical_axes,
+                                  hf_layout=var.hf_layout, keep_dtype=True))
+    setattr(node, attr + "_scale_inv", nnx.Param(jnp.zeros(view.scale_shape, jnp.float32),
+                                                 logical_axes=axes, hf_layout=layout, keep_dtype=True))
+    setattr(node, attr + "_fp8_view", view)
+
+
+def _quantisable(model: nnx.Module):
+    return [(tuple(path), node, attrs) for path, node in nnx.iter_graph(model)
+            for kind, attrs in QUANTISABLE if isinstance(node, kind)]
+
+
 def keep_fp8(model: nnx.Module, cfg: ModelConfig, quant: BlockFP8, source: TensorSource,
              shardings: ParamShardings) -> nnx.Module:
     """Declares the quantised weights of the abstract `model` fp8, with their scales."""
     quantised = check_scales(source, quant)
     available = set(source.names())
     claimed: set[str] = set()
-    found = [(tuple(path), node, attrs) for path, node in nnx.iter_graph(model)
-             for kind, attrs in QUANTISABLE if isinstance(node, kind)]
-    for path, node, attrs in found:
+    for path, node, attrs in _quantisable(model):
         for attr in attrs:
             var = getattr(node, attr)
             ppath = path + (attr,)
@@ -71,18 +88,27 @@ def keep_fp8(model: nnx.Module, cfg: ModelConfig, quant: BlockFP8, source: Tenso
                 raise CheckpointError(f"{base}: tensors {sorted(set(names) - set(q))} are not fp8 but "
                                       f"{q[:2]} are; one parameter cannot mix them")
             claimed.update(q)
-            shape = tuple(var.get_value().shape)
-            layout, view = scale_layout(var.hf_layout, base, source, shape, quant.block)
-            _check_split("/".join(map(str, ppath)), var, view, shardings.rules_for_param(ppath))
-            axes = tuple(var.logical_axes[g[0]] if g else None for g in view.groups)
-            setattr(node, attr, nnx.Param(jnp.zeros(shape, jnp.float8_e4m3fn), logical_axes=var.logical_axes,
-                                          hf_layout=var.hf_layout, keep_dtype=True))
-            setattr(node, attr + "_scale_inv", nnx.Param(jnp.zeros(view.scale_shape, jnp.float32),
-                                                         logical_axes=axes, hf_layout=layout, keep_dtype=True))
-            setattr(node, attr + "_fp8_view", view)
-    left = sorted(quantised - claimed)
+            layout, view = scale_layout(var.hf_layout, base, source, tuple(var.get_value().shape), quant.block)
+            _declare(node, ppath, attr, layout, view, shardings)
+    # A pipeline stage's model holds its own layers only: other stages claim theirs.
+    others = tuple(f"{cfg.weight_prefix}layers.{i}." for i in range(cfg.num_layers)
+                   if i not in getattr(shardings, "owned_layers", range(cfg.num_layers)))
+    left = sorted(n for n in quantised - claimed if not n.startswith(others))
     if left:
         raise UnsupportedQuantizationError(
             f"{len(left)} fp8 tensor(s) belong to parameters that cannot stay fp8 (only projections "
             f"and experts can): {left[:4]}; load with dequantize=True")
+    return model
+
+
+def keep_fp8_like(model: nnx.Module, loaded: nnx.Module, shardings: ParamShardings) -> nnx.Module:
+    """Declares fp8 in the abstract `model` wherever the already loaded `loaded` (the same
+    architecture, another sharding) keeps fp8 weights: for placing a loaded model elsewhere."""
+    ref = {tuple(path): node for path, node in nnx.iter_graph(loaded)}
+    for path, node, attrs in _quantisable(model):
+        for attr in attrs:
+            view = getattr(ref.get(path), attr + "_fp8_view", None)
+            if view is not None:
+                layout = getattr(ref[path], attr + "_scale_inv").hf_layout
+                _declare(node, path + (attr,), attr, layout, view, shardings)
     return model
