@@ -148,7 +148,7 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
          devices: Sequence[jax.Device] | None = None, mesh: jax.sharding.Mesh | None = None,
          sharding: ModelSharding | PipelineSharding | None = None, kernel_impl: KernelImpl = "auto",
          progress: bool | None = None, tokenizer: bool | Tokenizer = True,
-         prefill_chunk: int | None = None) -> LoadedModel:
+         prefill_chunk: int | None = None, dequantize: bool = False) -> LoadedModel:
     """Loads an HF folder (safetensors), a Llama GGUF file, or an alias (`smollm2-135m`).
 
     `policy` is a rule table (preset name such as "tp" / "tpa-dcp" / "dp-attention" / "sp",
@@ -160,8 +160,15 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     A table with `pp > 1` splits the layers into pipeline stages; each stage reads only its
     own tensors, and long prompts flow through the stages in chunks of `prefill_chunk`
     tokens (default 256).
+
+    An FP8 block-scaled checkpoint (`quantization_config.quant_method: fp8` with
+    `weight_block_size`) keeps its quantised weights in float8_e4m3fn with their block
+    scales applied in each matmul, or with `dequantize=True` is dequantised to `dtype`
+    while loading; other quantisation methods raise UnsupportedQuantizationError.
     """
     ckpt = open_checkpoint(path_or_alias)
+    ckpt.dequantize = dequantize
+    ckpt.quantization  # noqa: B018  (refuses an unsupported quantisation before any work)
     cfg = ckpt.cfg
     jdtype = resolve_dtype(dtype, cfg)
     if sharding is None:
@@ -173,7 +180,7 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     if isinstance(sharding, PipelineSharding):
         module = PipelineModel.load(ckpt, sharding, jdtype, options, progress=bar)
     else:
-        graphdef, state = abstract_model(cfg, sharding, jdtype, options)
+        graphdef, state = abstract_model(cfg, sharding, jdtype, options, fp8_from=None if dequantize else ckpt)
         state = ckpt.load_state(state, sharding, jdtype, progress=bar)
         module = nnx.merge(graphdef, state)
     if isinstance(tokenizer, Tokenizer):
@@ -198,7 +205,7 @@ def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_
              **kwargs) -> GenerationResult:
     """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh)."""
     load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress", "tokenizer",
-                 "prefill_chunk"}
+                 "prefill_chunk", "dequantize"}
     model = load(path_or_alias, **{k: v for k, v in kwargs.items() if k in load_keys})
     return model.generate(prompts, max_new_tokens,
                           **{k: v for k, v in kwargs.items() if k not in load_keys})

@@ -25,11 +25,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar.config import ModelConfig, config_from_hf_dict, read_hf_config
+from jaxpar.loading.fp8 import BlockFP8, DequantizedSource, quantization_of
 from jaxpar.loading.gguf_source import GGUFSource
 from jaxpar.loading.loader import load_params, skipped_tensors
 from jaxpar.loading.orbax_reader import OrbaxReader, is_orbax_checkpoint
 from jaxpar.loading.sources import CountingSource, SafetensorsSource, TensorSource
 from jaxpar.models.decoder import CausalLM
+from jaxpar.models.fp8 import keep_fp8, keep_fp8_like
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
 from jaxpar.sharding.resolve import build_pipeline, build_sharding
@@ -109,6 +111,15 @@ class OpenedCheckpoint:
     gguf_file: str | None = None
     orbax: OrbaxReader | None = None
     _tensors: TensorSource | None = None
+    # FP8 block-scaled checkpoints: read dequantised (True) or with the `_scale_inv`
+    # tensors visible, for a model that keeps the weights fp8 (`keep_fp8`).
+    dequantize: bool = True
+
+    @functools.cached_property
+    def quantization(self) -> BlockFP8 | None:
+        """The checkpoint's quantisation (raises UnsupportedQuantizationError for one that
+        jaxpar cannot load)."""
+        return quantization_of(self.hf_config) if self.kind == "safetensors" else None
 
     @functools.cached_property
     def cfg(self) -> ModelConfig:
@@ -121,7 +132,12 @@ class OpenedCheckpoint:
         if self.orbax is not None:
             raise TypeError(f"{self.path} is an Orbax checkpoint: restore it with load_state")
         if self._tensors is None:
-            self._tensors = GGUFSource(self.path) if self.kind == "gguf" else SafetensorsSource(self.path)
+            if self.kind == "gguf":
+                self._tensors = GGUFSource(self.path)
+            else:
+                self._tensors = SafetensorsSource(self.path)
+                if self.quantization is not None and self.dequantize:
+                    self._tensors = DequantizedSource(self._tensors, self.quantization)
         return self._tensors
 
     def reopen_tensors(self) -> TensorSource:
@@ -213,11 +229,23 @@ def make_sharding(cfg: ModelConfig, policy: Policy = None, *,
 
 
 def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
-                   options: RuntimeOptions = RuntimeOptions()):
+                   options: RuntimeOptions = RuntimeOptions(), *, fp8_from: OpenedCheckpoint | None = None,
+                   fp8_like: CausalLM | None = None):
     """(graphdef, state): the model built without allocating, each parameter a
     ShapeDtypeStruct carrying its NamedSharding under `sharding` (a pipeline stage's
-    sharding gives that stage's part of the model)."""
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype, sharding, options))
+    sharding gives that stage's part of the model). `fp8_from`: an FP8 block-scaled
+    checkpoint opened with dequantize=False, whose quantised weights the model keeps in fp8
+    with their scales (`jaxpar.models.fp8`); `fp8_like`: a loaded model whose fp8 weights
+    this one keeps too (placing it on another sharding)."""
+    def build():
+        model = CausalLM(cfg, dtype, sharding, options)
+        if fp8_from is not None and fp8_from.quantization is not None:
+            model = keep_fp8(model, cfg, fp8_from.quantization, fp8_from.tensors(), sharding)
+        if fp8_like is not None:
+            model = keep_fp8_like(model, fp8_like, sharding)
+        return model
+
+    abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()

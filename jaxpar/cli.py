@@ -41,6 +41,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="pipelines (pp > 1): prompt tokens per prefill chunk through the stages "
                         "(default 256)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="FP8 block-scaled checkpoints: dequantise to --dtype at load (default: keep fp8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_generate)
 
@@ -108,7 +110,8 @@ def _generate(args) -> int:
                              f"exceeds the model's context of {cfg.max_position_embeddings} tokens")
 
     model = jaxpar.load(args.model, dtype=args.dtype, policy=args.policy, tokenizer=tokenizer,
-                        progress=sys.stderr.isatty(), prefill_chunk=args.prefill_chunk)
+                        progress=sys.stderr.isatty(), prefill_chunk=args.prefill_chunk,
+                        dequantize=args.dequantize)
     single = len(args.prompt) == 1 and not args.json
     streamed = []
 

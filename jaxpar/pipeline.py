@@ -89,7 +89,8 @@ class PipelineModel:
                 stages.append(None)
                 read.append(None)
                 continue
-            graphdef, state = abstract_model(ckpt.cfg, stage, dtype, options)
+            graphdef, state = abstract_model(ckpt.cfg, stage, dtype, options,
+                                             fp8_from=None if ckpt.dequantize else ckpt)
             stats = ReadStats()
             state = ckpt.load_state(state, stage, dtype, progress=progress, stats=stats)
             stages.append(nnx.merge(graphdef, state))

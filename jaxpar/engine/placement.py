@@ -32,7 +32,7 @@ def place(module: CausalLM, sharding: ModelSharding, dtype) -> CausalLM:
     """The same weights as `module`, as a model built for `sharding`."""
     if sharding is module.sharding:
         return module
-    graphdef, state = abstract_model(module.cfg, sharding, dtype, runtime_options(module))
+    graphdef, state = abstract_model(module.cfg, sharding, dtype, runtime_options(module), fp8_like=module)
     source = dict(nnx.to_flat_state(nnx.state(module)))
     for path, var in nnx.to_flat_state(state):
         if path not in source:

@@ -54,6 +54,9 @@ class ParamRead:
     shape: tuple[int, ...]  # ours
     layout: Any  # HFLayout / ExpertStack (jaxpar.loading.layouts)
     logical_axes: tuple[str | None, ...]
+    # The dtype the parameter keeps whatever the model dtype (kept-fp8 weights and their
+    # scales, `jaxpar.models.fp8`); None: the model dtype.
+    keep_dtype: Any = None
 
     @property
     def key(self) -> str:
@@ -101,7 +104,8 @@ def plan_reads(state: nnx.State, cfg: ModelConfig, source: TensorSource, *,
     for path, var in nnx.to_flat_state(state):
         base = hf_name(cfg, path)
         reads.append(ParamRead(tuple(path), base, tuple(var.hf_layout.names(base, available)),
-                               tuple(var.get_value().shape), var.hf_layout, tuple(var.logical_axes)))
+                               tuple(var.get_value().shape), var.hf_layout, tuple(var.logical_axes),
+                               var.get_value().dtype if getattr(var, "keep_dtype", False) else None))
     missing = [(n, r) for r in reads for n in (r.hf_names or (r.hf_base,)) if n not in available]
     if missing:
         name, r = missing[0]
@@ -155,7 +159,7 @@ def load_params(state: nnx.State, cfg: ModelConfig, source: TensorSource, shardi
     """Fills an abstract `state` (from `nnx.eval_shape`) with sharded arrays from `source`;
     `layers`: the layers a pipeline stage's state holds (None: the whole model)."""
     reads = plan_reads(state, cfg, source, layers=layers)
-    loaded = [(r.path, place_param(source, r, param_sharding(sharding, r), dtype))
+    loaded = [(r.path, place_param(source, r, param_sharding(sharding, r), r.keep_dtype or dtype))
               for r in (progress(reads) if progress else reads)]
     for path, array in loaded:
         set_param(state, path, array)

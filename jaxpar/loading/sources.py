@@ -10,9 +10,12 @@ import json
 from pathlib import Path
 from typing import Protocol
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy for safetensors)
+import ml_dtypes  # (registers bfloat16 & co. with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
+
+# Safetensors dtypes read by memory-mapping the file (see SafetensorsSource._raw).
+RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -45,6 +48,7 @@ class SafetensorsSource:
             raise CheckpointError(
                 f"no weights in {model_dir}: expected model.safetensors or "
                 "model.safetensors.index.json")
+        self._dir = model_dir
         self._handles = {}
         self._file_of: dict[str, str] = {}
         files = sorted(set(weight_map.values())) if weight_map else [single.name]
@@ -80,7 +84,21 @@ class SafetensorsSource:
         return self._slice(name).get_dtype()
 
     def read(self, name: str, index: Index) -> np.ndarray:
+        if self.dtype(name) in RAW_DTYPES:
+            return self._raw(name)[index]
         return np.asarray(self._slice(name)[index])
+
+    def _raw(self, name: str) -> np.ndarray:
+        """The tensor memory-mapped straight from its file: safetensors' numpy reader cannot
+        slice dtypes numpy lacks (float8; ml_dtypes provides them). Slicing the map reads
+        only the pages of that block."""
+        fname = self._dir / self._file_of[name]
+        with open(fname, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(header_len))[name]
+        start, stop = entry["data_offsets"]
+        flat = np.memmap(fname, dtype=np.uint8, mode="r", offset=8 + header_len + start, shape=(stop - start,))
+        return flat.view(RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 class CountingSource:

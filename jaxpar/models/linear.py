@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar.loading.layouts import HFLayout
+from jaxpar.models.fp8_weights import dequantize
 from jaxpar.models.params import AS_IS, LINEAR, param
 from jaxpar.sharding.axis_rules import AxisRules
 
@@ -20,6 +21,10 @@ class Linear(nnx.Module):
     `[prod(out), prod(in)]`, hence the transposing layout.
     """
 
+    # Set by `jaxpar.models.fp8.keep_fp8` when the checkpoint's weight is fp8 block-scaled.
+    weight_scale_inv = None
+    weight_fp8_view = None
+
     def __init__(self, in_features: Sequence[int], out_features: Sequence[int],
                  in_axes: Sequence[str | None], out_axes: Sequence[str | None], dtype,
                  *, bias: bool = False, hf_layout: HFLayout = LINEAR, hf_bias_layout: HFLayout = AS_IS):
@@ -27,8 +32,14 @@ class Linear(nnx.Module):
         self.weight = param((*in_features, *out_features), (*in_axes, *out_axes), dtype, hf_layout)
         self.bias = param(tuple(out_features), tuple(out_axes), dtype, hf_bias_layout) if bias else None
 
+    def kernel(self, dtype) -> jax.Array:
+        """The weight in `dtype` (a kept-fp8 weight multiplied by its block scales)."""
+        if self.weight_scale_inv is not None:
+            return dequantize(self.weight[...], self.weight_scale_inv[...], self.weight_fp8_view, dtype)
+        return self.weight[...].astype(dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x, self.weight[...].astype(x.dtype), axes=self.n_in)
+        y = jnp.tensordot(x, self.kernel(x.dtype), axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -55,11 +66,11 @@ def row_parallel_scatter(linear: Linear, x: jax.Array, rules: AxisRules,
     n_in = linear.n_in
 
     def local(x, w):
-        y = jnp.tensordot(x, w.astype(x.dtype), axes=n_in)
+        y = jnp.tensordot(x, w, axes=n_in)
         return jax.lax.psum_scatter(y, sp_axes, scatter_dimension=1, tiled=True)
 
     y = jax.shard_map(local, mesh=rules.mesh, in_specs=(rules.spec(x_axes), rules.spec(w_axes)),
-                      out_specs=rules.spec(out_axes), check_vma=False)(x, linear.weight[...])
+                      out_specs=rules.spec(out_axes), check_vma=False)(x, linear.kernel(x.dtype))
     if linear.bias is not None:
         y = y + linear.bias[...].astype(y.dtype)
     return y

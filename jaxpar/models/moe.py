@@ -27,7 +27,12 @@ Local computation, chosen per call from the (static) token count:
 - "gather": for decode with few tokens (N * k < E/ep), gather the N*k selected experts'
   weight slices (non-local selections read expert 0 with weight 0) and compute only those:
   N*k slices read instead of all E/ep local experts.
-Long prefills would want a grouped (sorted, ragged) matmul instead of "dense"; not done here.
+- "grouped": every (token, expert) pair computed once, tokens sorted by expert and the
+  experts run as grouped matmuls (`jaxpar.models.grouped_matmul`: `jax.lax.ragged_dot` on
+  GPU/TPU, a tiled batched matmul on CPU), capacity-free. The default ("auto") for prefill.
+"auto" is "gather" when N * k < E/ep (decode), else "grouped" — except on CPU below
+`TILED_MIN_ROWS` rows per expert, where "dense" is faster (`scripts/bench_moe_flops.py --time`
+times all paths and auto's choice).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from flax import nnx
 
 from jaxpar.config import ModelConfig
 from jaxpar.loading.layouts import ExpertStack, HFLayout
+from jaxpar.models.fp8_weights import dequantize
+from jaxpar.models.grouped_matmul import GROUPED_BODIES, default_body, grouped_experts
 from jaxpar.models.linear import Linear
 from jaxpar.models.mlp import MLP
 from jaxpar.models.params import param
@@ -46,7 +53,12 @@ from jaxpar.sharding.axis_rules import AxisRules
 # Ours: gate/up [experts, hidden, ffn], down [experts, ffn, hidden] (x @ w per expert).
 IN_AXES = ("experts", "embed", "expert_ffn")
 OUT_AXES = ("experts", "expert_ffn", "embed")
-IMPLS = ("auto", "dense", "gather")
+IMPLS = ("auto", "dense", "gather", "grouped")
+# With the CPU's tiled grouped matmul, "auto" keeps the dense path below this many rows per
+# expert on average (N * k / E): each tile gathers its expert's weights, which costs more than
+# the dense path's extra FLOPs there (scripts/bench_moe_flops.py --time, 128 experts top-8:
+# 128 tokens (8 rows/expert) grouped 293 ms vs dense 84 ms; 512 tokens (32) 298 vs 329 ms).
+TILED_MIN_ROWS = 32
 
 
 def _in_stack(kind: str, ffn: int) -> ExpertStack:
@@ -71,6 +83,17 @@ class Experts(nnx.Module):
         self.gate_proj = param(shape_in, IN_AXES, dtype, _in_stack("gate", ffn))
         self.up_proj = param(shape_in, IN_AXES, dtype, _in_stack("up", ffn))
         self.down_proj = param(shape_out, OUT_AXES, dtype, DOWN_STACK)
+
+    def weights(self, dtype) -> list[jax.Array]:
+        """gate, up, down in `dtype` (kept-fp8 ones multiplied by their block scales,
+        `jaxpar.models.fp8`)."""
+        out = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            scale = getattr(self, name + "_scale_inv", None)
+            w = getattr(self, name)[...]
+            out.append(w.astype(dtype) if scale is None else
+                       dequantize(w, scale[...], getattr(self, name + "_fp8_view"), dtype))
+        return out
 
 
 def _dense_local(x, combine, wg, wu, wd):
@@ -98,9 +121,15 @@ def _gather_local(x, top_i, top_w, wg, wu, wd, first_expert):
 class SparseMoE(nnx.Module):
     """HF module `model.layers.{i}.mlp` of a MoE layer. x: [B, T, H] -> [B, T, H]."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rules: AxisRules, *, impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, dtype, rules: AxisRules, *, impl: str = "auto",
+                 grouped_body: str | None = None):
+        """`grouped_body`: the grouped path's matmul ("ragged" / "tiled";
+        `jaxpar.models.grouped_matmul`), None = the platform's default."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if grouped_body not in (None, *GROUPED_BODIES):
+            raise ValueError(f"grouped_body must be one of {GROUPED_BODIES} or None, got {grouped_body!r}")
+        self.grouped_body = grouped_body
         h, n = cfg.hidden_size, cfg.num_experts
         self.gate = Linear((h,), (n,), ("embed",), (None,), dtype)  # router, replicated
         self.experts = Experts(n, h, cfg.moe_intermediate_size, dtype)
@@ -123,10 +152,18 @@ class SparseMoE(nnx.Module):
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         return top_w.astype(x.dtype), top_i.astype(jnp.int32)
 
-    def _use_gather(self, tokens: int) -> bool:
+    def grouped_matmul_body(self) -> str:
+        return self.grouped_body or default_body(self.rules.mesh.devices.flat[0].platform)
+
+    def local_impl(self, tokens: int) -> str:
+        """"dense", "gather" or "grouped" for a call on `tokens` tokens (static)."""
         if self.impl != "auto":
-            return self.impl == "gather"
-        return tokens * self.top_k < self.num_experts // self.rules.size("experts")
+            return self.impl
+        if tokens * self.top_k < self.num_experts // self.rules.size("experts"):
+            return "gather"
+        if self.grouped_matmul_body() == "tiled" and tokens * self.top_k < TILED_MIN_ROWS * self.num_experts:
+            return "dense"
+        return "grouped"
 
     def _scatter_axes(self, x: jax.Array, reduce_axes: tuple[str, ...]) -> tuple[str, ...]:
         """The sequence-parallel axes when the expert partial sums can be reduce-scattered
@@ -148,18 +185,20 @@ class SparseMoE(nnx.Module):
         ep_axes, tp_axes = rules.axes_for("experts"), rules.axes_for("expert_ffn")
         reduce_axes = tuple(ep_axes) + tuple(a for a in tp_axes if a not in ep_axes)
         scatter_axes = self._scatter_axes(x, reduce_axes) if scatter_seq else ()
-        weights = [w[...].astype(x.dtype) for w in
-                   (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj)]
+        weights = self.experts.weights(x.dtype)
         b, t, hidden = x.shape
-        gather = self._use_gather(b * t)
+        impl = self.local_impl(b * t)
+        gather = impl != "dense"  # gather and grouped both take the top-k ids and weights
+        body = self.grouped_matmul_body()
 
         def local(x, sel, wts, wg, wu, wd):
             xb, xt = x.shape[:2]
             flat = x.reshape(xb * xt, hidden)
             if gather:
                 first = jax.lax.axis_index(ep_axes) * wg.shape[0] if ep_axes else 0
-                y = _gather_local(flat, sel.reshape(xb * xt, -1), wts.reshape(xb * xt, -1),
-                                  wg, wu, wd, first)
+                fn = _gather_local if impl == "gather" else (
+                    lambda *a: grouped_experts(*a, body=body))
+                y = fn(flat, sel.reshape(xb * xt, -1), wts.reshape(xb * xt, -1), wg, wu, wd, first)
             else:
                 y = _dense_local(flat, wts.reshape(xb * xt, -1), wg, wu, wd)
             y = y.astype(x.dtype).reshape(xb, xt, hidden)
