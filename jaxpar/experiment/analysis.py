@@ -7,8 +7,8 @@ memory (`memory_analysis`), FLOPs and bytes accessed (`cost_analysis`, loops cor
 `hlo_cost`), and the collectives in the dtypes they move (`jaxpar.sharding.collectives`).
 
 What XLA:CPU reports is jaxpar's program *as compiled for the CPU*: pure-JAX reference
-kernels (attention materialises its float32 scores, MoE prefill runs every local expert on
-every token) and float32 copies of bfloat16 operands (XLA:CPU has no bf16 matmul). Its
+kernels (attention materialises its float32 scores; MoE takes the CPU's tiled grouped
+matmul, or the dense path below 32 rows per expert) and float32 copies of bfloat16 operands (XLA:CPU has no bf16 matmul). Its
 temporaries and bytes accessed are therefore upper bounds for a GPU; the roofline also gets
 the ideal costs of `jaxpar.experiment.cost_model`.
 
