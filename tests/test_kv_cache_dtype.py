@@ -1,0 +1,238 @@
+"""KV cache and GDN state dtypes: fp8 (e4m3, per-token-per-head scales computed at write)
+read back by the reference and the Triton kernels, under DCP and in the engine; the
+recurrent-state dtype; `jaxpar plan` cache bytes; and greedy agreement with float32 on
+stories260K's real weights, teacher-forced over 200 positions."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxpar
+from jaxpar import cli
+from jaxpar.kernels_pallas import dispatch
+from jaxpar.kernels_pallas.errors import KernelFallbackWarning, UnsupportedShapeError
+from jaxpar.models.cache import FP8, SCALE_DTYPE, CacheDtypeError, CacheDtypes, dequantize_kv, quantize_kv
+from jaxpar.models.decoder import init_cache
+
+# A story in the style of TinyStories (written for this test); its first 201 tokens are
+# fed one by one, and the next-token argmax is compared at each of 200 positions.
+STORY = (
+    "Once upon a time, there was a little boy named Tim. Tim had a red kite that he loved very "
+    "much. Every day after lunch, he ran to the big hill near his house to fly it. One windy "
+    "morning, the kite pulled so hard that the string slipped out of his hand. The kite flew "
+    "over the trees and landed on the roof of an old barn. Tim was sad and he did not know what "
+    "to do. He walked to the barn and saw a kind farmer feeding the cows. \"Can you help me get "
+    "my kite?\" Tim asked. The farmer smiled and said, \"Yes, I have a long ladder.\""
+)
+POSITIONS = 200
+TPA1_DCP4 = {"axes": {"tp": 4, "attn_tp": 1, "dcp": 4},
+             "rules": [{"match": {"kind": "attention"}, "plan": {"tp_size": "attn_tp", "dcp_size": "dcp"}}]}
+
+
+def test_quantize_kv_bounds_and_round_trip():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 2, 16)).astype(np.float32) * np.float32(10.0) ** rng.integers(-3, 4, (3, 5, 2, 1))
+    x[0, 0, 0] = 0.0  # an all-zero vector: scale 1, stored zeros
+    q, s = quantize_kv(jnp.asarray(x), FP8)
+    assert q.dtype == FP8 and s.dtype == SCALE_DTYPE and s.shape == x.shape[:3]
+    assert float(s[0, 0, 0]) == 1.0 and not np.any(np.asarray(q[0, 0, 0], np.float32))
+    back = np.asarray(dequantize_kv(q, s))
+    amax = np.abs(x).max(-1, keepdims=True)
+    # e4m3: 3 mantissa bits (relative error <= 2^-4 for normals), subnormal step 2^-9 of
+    # the scale, i.e. amax / 448 * 2^-9; the largest element maps to ~448, never past it.
+    assert np.all(np.abs(back - x) <= np.abs(x) * 2.0**-4 + amax / 448 * 2.0**-9 + 1e-30)
+    assert np.abs(np.asarray(q, np.float32)).max() <= 448
+    # Any other dtype: a plain cast, no scales.
+    y, none = quantize_kv(jnp.asarray(x), jnp.bfloat16)
+    assert none is None and y.dtype == jnp.bfloat16
+
+
+def _scaled_case(seed: int, b=2, s=32, kvh=2, h=4, d=16, t=5):
+    rng = np.random.default_rng(seed)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kvh, d)), jnp.float32) * 3 for _ in range(2))
+    (kq, ks), (vq, vs) = quantize_kv(k, FP8), quantize_kv(v, FP8)
+    q_dec = jnp.asarray(rng.standard_normal((b, h, d)), jnp.float32)
+    q_ext = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    return dict(kq=kq, ks=ks, vq=vq, vs=vs, kd=dequantize_kv(kq, ks), vd=dequantize_kv(vq, vs),
+                q_dec=q_dec, q_ext=q_ext, t=t)
+
+
+# Triton kernels run in the Pallas interpreter here (the GPU check runs them compiled).
+@pytest.mark.parametrize("impl, interpret", [("reference", False), ("triton", True)])
+def test_scaled_fp8_cache_attention_equals_the_dequantised_cache(impl, interpret):
+    c = _scaled_case(0)
+    scale = 0.25
+    kv_lens = jnp.array([19, 32], jnp.int32)
+    got = dispatch.attention_decode(c["q_dec"], c["kq"], c["vq"], kv_lens, scale=scale, k_scale=c["ks"],
+                                    v_scale=c["vs"], impl=impl, interpret=interpret)
+    want = dispatch.attention_decode(c["q_dec"], c["kd"], c["vd"], kv_lens, scale=scale, impl="reference")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+    # Extend (chunked prefill) as DCP rank 1 of 2: slot i holds position 2 i + 1.
+    positions = jnp.asarray([[20, 21, 22, 23, 24], [50, 51, 52, 53, 54]], jnp.int32)
+    kw = dict(scale=scale, dcp_rank=1, dcp_size=2)
+    lens = positions[:, -1] + 1
+    got = dispatch.attention_extend(c["q_ext"], c["kq"], c["vq"], positions, lens, k_scale=c["ks"],
+                                    v_scale=c["vs"], impl=impl, interpret=interpret, **kw)
+    want = dispatch.attention_extend(c["q_ext"], c["kd"], c["vd"], positions, lens, impl="reference", **kw)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+def test_a_kernel_without_scale_inputs_is_never_silently_wrong(monkeypatch):
+    """A kernel that cannot take a scaled cache raises UnsupportedShapeError when forced,
+    and `auto` falls back to the next implementation, loudly."""
+    c = _scaled_case(1)
+
+    def unscaled_kernel(q, k_cache, v_cache, kv_lens, *, scale, interpret=False):
+        raise AssertionError("called with a scaled cache it cannot read")
+
+    monkeypatch.setitem(dispatch.TRITON_KERNELS, "attention_decode", unscaled_kernel)
+    kv_lens = jnp.array([7, 32], jnp.int32)
+    args = (c["q_dec"], c["kq"], c["vq"], kv_lens)
+    kw = dict(scale=0.5, k_scale=c["ks"], v_scale=c["vs"], interpret=True)
+    with pytest.raises(UnsupportedShapeError, match="does not take k_scale, v_scale"):
+        dispatch.attention_decode(*args, impl="triton", **kw)
+    with pytest.warns(KernelFallbackWarning, match="using the reference implementation"):
+        got = dispatch.attention_decode(*args, impl="auto", **kw)
+    want = dispatch.attention_decode(c["q_dec"], c["kd"], c["vd"], kv_lens, scale=0.5, impl="reference")
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    return jaxpar.load(stories_dir, progress=False)
+
+
+def _teacher_forced(model, tokens: list[int], kv_cache_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token argmax at each of len(tokens) positions, the tokens fed as given: one by
+    one through the decode program, and all at once through extend (chunked prefill over
+    the cache). Both read every key and value back from a cache of `kv_cache_dtype`."""
+    graphdef, state = nnx.split(model.module)
+    dtypes = CacheDtypes.resolve(model.dtype, kv_cache_dtype)
+
+    @jax.jit(static_argnames="mode", donate_argnums=3)
+    def run(state, tokens, positions, cache, mode):
+        lm = nnx.merge(graphdef, state)
+        lengths = jnp.full((1,), tokens.shape[1], jnp.int32)
+        logits, cache = lm(tokens, positions, cache, lengths, mode=mode)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    cfg, sharding = model.cfg, model.sharding
+    cache = init_cache(cfg, sharding, 1, 256, dtypes)
+    decoded = []
+    for i, tok in enumerate(tokens):
+        out, cache = run(state, jnp.asarray([[tok]], jnp.int32), jnp.asarray([[i]], jnp.int32), cache, "decode")
+        decoded.append(int(out[0, 0]))
+    n = len(tokens)
+    cache = init_cache(cfg, sharding, 1, 256, dtypes)
+    ids = jnp.asarray([tokens], jnp.int32)
+    extended, _ = run(state, ids, jnp.arange(n, dtype=jnp.int32)[None], cache, "extend")
+    return np.array(decoded), np.asarray(extended[0])
+
+
+def test_fp8_kv_greedy_matches_float32_on_stories260k(stories, capsys):
+    tokens = stories.encode(STORY)[:POSITIONS]
+    assert len(tokens) == POSITIONS
+    ref_decode, ref_extend = _teacher_forced(stories, tokens, "float32")
+    # The float32 cache: decode and extend give the same greedy tokens everywhere.
+    assert np.mean(ref_decode == ref_extend) == 1.0
+    figures = {}
+    for kv in ("bfloat16", "float8_e4m3fn"):
+        dec, ext = _teacher_forced(stories, tokens, kv)
+        figures[kv] = (float(np.mean(dec == ref_decode)), float(np.mean(ext == ref_extend)))
+    with capsys.disabled():
+        print(f"\nstories260K greedy agreement with a float32 cache over {POSITIONS} teacher-forced "
+              f"positions (decode, extend): {figures}")
+    assert min(figures["float8_e4m3fn"]) >= 0.9
+    assert min(figures["bfloat16"]) >= 0.9
+
+
+def test_fp8_kv_generate_under_dcp_equals_one_device(stories_dir, stories):
+    """Each rank quantises the tokens it stores with the same per-token scales, so the DCP
+    cache holds exactly the one-device cache's values, split by position."""
+    prompts = [stories.encode("Once upon a time"), stories.encode("The little dog")]
+    one = jaxpar.load(stories_dir, progress=False, kv_cache_dtype="fp8").generate(prompts, 24, ignore_eos=True)
+    dcp = jaxpar.load(stories_dir, progress=False, kv_cache_dtype="fp8", policy=TPA1_DCP4,
+                      devices=jax.devices()[:4])
+    assert dcp.cache_dtypes.kv == FP8
+    assert dcp.generate(prompts, 24, ignore_eos=True).token_ids == one.token_ids
+
+
+def test_engine_fp8_kv_pd_to_dcp_equals_colocated(stories):
+    """The engine's chunked prefill (extend) writes fp8 with scales, the transfer moves the
+    scales with their slots (reordered into the DCP layout), decode reads them."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, stories.cfg.vocab_size, size=int(n)).tolist() for n in (17, 30, 23)]
+    budgets = [8, 5, 8]
+    colocated = jaxpar.Engine(stories, max_slots=4, max_len=64, prefill_chunk=16, kv_cache_dtype="fp8")
+    devices = jax.devices()
+    pd = jaxpar.Engine(stories, max_slots=4, max_len=64, prefill_chunk=32, prefill_policy={"axes": {"tp": 4}},
+                       prefill_devices=devices[:4], decode_policy=TPA1_DCP4, decode_devices=devices[4:],
+                       kv_cache_dtype="fp8")
+    expected = colocated.generate(prompts, budgets, ignore_eos=True).token_ids
+    assert pd.generate(prompts, budgets, ignore_eos=True).token_ids == expected
+    layer = pd._scheduler.decode.cache.layers[0]
+    assert layer.k.dtype == FP8 and layer.k_scale.dtype == SCALE_DTYPE
+    # [slots, 64 tokens, 4 kv heads]: tokens over the 4 DCP ranks, scales like their values.
+    assert {s.data.shape for s in layer.k_scale.addressable_shards} == {(4, 16, 4)}
+
+
+def test_state_dtype_reaches_the_gdn_cache(tiny_hybrid):
+    model = jaxpar.load(tiny_hybrid, tokenizer=False, progress=False, state_dtype="bfloat16")
+    assert model.cache_dtypes.state == jnp.bfloat16
+    out = model.generate([[5, 9, 11, 3]], 4, ignore_eos=True)
+    assert len(out.token_ids[0]) == 4
+    engine = jaxpar.Engine(model, max_slots=2, max_len=32, prefill_chunk=16)
+    gdn = engine._scheduler.decode.cache.layers[0]
+    assert gdn.recurrent.dtype == jnp.bfloat16 and gdn.conv_q.dtype == jnp.float32
+    assert engine.generate([[5, 9, 11, 3]], [4], ignore_eos=True).token_ids == out.token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_hybrid(tmp_path_factory):
+    from tests import hf_models
+
+    return hf_models.save_tiny("qwen3_5", tmp_path_factory.mktemp("kvdtype") / "qwen3_5")
+
+
+def test_bad_cache_dtypes_fail_before_loading(stories_dir):
+    with pytest.raises(CacheDtypeError, match="kv_cache_dtype 'int4' is not supported"):
+        jaxpar.load(stories_dir, kv_cache_dtype="int4")
+    with pytest.raises(CacheDtypeError, match="state_dtype"):
+        jaxpar.load(stories_dir, state_dtype="float8_e4m3fn")
+    assert issubclass(CacheDtypeError, ValueError)
+
+
+def test_plan_cache_bytes_halve_with_fp8(tmp_path, capsys):
+    """SmolLM2-135M's config (head_dim 64): the fp8 cache's values are half the bf16
+    cache's bytes; with its per-token scales (2 bytes per 64) the whole is 0.516x."""
+    reports = {}
+    for kv in ("bfloat16", "fp8"):
+        out = tmp_path / f"{kv}.json"
+        code = cli.main(["plan", "smollm2-135m", "--devices", "1", "--no-collectives", "--seq", "1024",
+                         "--kv-cache-dtype", kv, "--json", str(out)])
+        assert code == 0
+        reports[kv] = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    assert "KV float8_e4m3fn" in text and "+ scales" in text
+    bf16, fp8 = reports["bfloat16"], reports["fp8"]
+    assert fp8["cache_bytes_by_part"]["kv"] * 2 == bf16["cache_bytes_by_part"]["kv"]
+    ratio = fp8["cache_bytes_per_device"] / bf16["cache_bytes_per_device"]
+    assert 0.5 < ratio <= 66 / 128 + 1e-4
+    assert fp8["cache_dtypes"] == {"kv": "float8_e4m3fn"}
+
+
+def test_cli_generate_with_fp8_kv_cache(capsys, stories_dir):
+    from tests.test_real_weights import PROMPT
+
+    code = cli.main(["generate", "--model", str(stories_dir), "--prompt", PROMPT, "--max-new-tokens", "12",
+                     "--kv-cache-dtype", "fp8", "--state-dtype", "bfloat16", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0 and len(json.loads(out)["token_ids"][0]) == 12
