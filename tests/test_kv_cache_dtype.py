@@ -5,7 +5,9 @@ stories260K's real weights, teacher-forced over 200 positions."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +22,16 @@ from jaxpar.kernels_pallas.errors import KernelFallbackWarning, UnsupportedShape
 from jaxpar.models.cache import FP8, SCALE_DTYPE, CacheDtypeError, CacheDtypes, dequantize_kv, quantize_kv
 from jaxpar.models.decoder import init_cache
 
-# A story in the style of TinyStories (written for this test); its first 201 tokens are
-# fed one by one, and the next-token argmax is compared at each of 200 positions.
-STORY = (
-    "Once upon a time, there was a little boy named Tim. Tim had a red kite that he loved very "
-    "much. Every day after lunch, he ran to the big hill near his house to fly it. One windy "
-    "morning, the kite pulled so hard that the string slipped out of his hand. The kite flew "
-    "over the trees and landed on the roof of an old barn. Tim was sad and he did not know what "
-    "to do. He walked to the barn and saw a kind farmer feeding the cows. \"Can you help me get "
-    "my kite?\" Tim asked. The farmer smiled and said, \"Yes, I have a long ladder.\""
-)
+
+def _script():
+    """scripts/kv_cache_dtype.py: its story and teacher forcing are what the test asserts on."""
+    spec = importlib.util.spec_from_file_location("kv_cache_dtype_script", SCRIPTS / "kv_cache_dtype.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 POSITIONS = 200
 TPA1_DCP4 = {"axes": {"tp": 4, "attn_tp": 1, "dcp": 4},
              "rules": [{"match": {"kind": "attention"}, "plan": {"tp_size": "attn_tp", "dcp_size": "dcp"}}]}
@@ -113,39 +115,14 @@ def stories(stories_dir):
     return jaxpar.load(stories_dir, progress=False)
 
 
-def _teacher_forced(model, tokens: list[int], kv_cache_dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Next-token argmax at each of len(tokens) positions, the tokens fed as given: one by
-    one through decode steps (scanned in one program), and all at once through extend
-    (chunked prefill over the cache). Both read every key and value back from a cache of
-    `kv_cache_dtype`."""
-    graphdef, state = nnx.split(model.module)
-    cache = init_cache(model.cfg, model.sharding, 1, 256, CacheDtypes.resolve(model.dtype, kv_cache_dtype))
-
-    @jax.jit
-    def run(state, tokens, cache):
-        lm = nnx.merge(graphdef, state)
-        one = jnp.ones((1,), jnp.int32)
-
-        def step(cache, tok):
-            logits, cache = lm(tok.reshape(1, 1), cache.lengths[:, None], cache, one, mode="decode")
-            return cache, jnp.argmax(logits[0, -1]).astype(jnp.int32)
-
-        _, decoded = jax.lax.scan(step, cache, tokens)
-        n = tokens.shape[0]
-        logits, _ = lm(tokens[None], jnp.arange(n, dtype=jnp.int32)[None], cache, one * n, mode="extend")
-        return decoded, jnp.argmax(logits[0], -1).astype(jnp.int32)
-
-    decoded, extended = run(state, jnp.asarray(tokens, jnp.int32), cache)
-    return np.asarray(decoded), np.asarray(extended)
-
-
 def test_fp8_kv_greedy_matches_float32_on_stories260k(stories, capsys):
-    tokens = stories.encode(STORY)[:POSITIONS]
+    script = _script()
+    tokens = stories.encode(script.STORY)[:POSITIONS]
     assert len(tokens) == POSITIONS
-    ref_decode, ref_extend = _teacher_forced(stories, tokens, "float32")
+    ref_decode, ref_extend = script.teacher_forced_argmax(stories, tokens, "float32")
     # The float32 cache: decode and extend give the same greedy tokens everywhere.
     assert np.mean(ref_decode == ref_extend) == 1.0
-    dec, ext = _teacher_forced(stories, tokens, "float8_e4m3fn")
+    dec, ext = script.teacher_forced_argmax(stories, tokens, "float8_e4m3fn")
     agree = float(np.mean(dec == ref_decode)), float(np.mean(ext == ref_extend))
     with capsys.disabled():  # the figure (bfloat16 too: scripts/kv_cache_dtype.py)
         print(f"\nstories260K: fp8 KV greedy tokens equal float32's at {agree[0]:.1%} (decode) / "

@@ -1,5 +1,5 @@
 """Decode-time state: per-layer caches plus how many tokens each row holds, and the
-dtypes they are stored in (docs/ARCHITECTURE.md, section 10: fp8 KV cache)."""
+dtypes they are stored in (docs/ARCHITECTURE.md, section 14: KV cache and state dtypes)."""
 
 from __future__ import annotations
 
