@@ -18,6 +18,7 @@ from flax import nnx
 import jaxpar
 from jaxpar import cli
 from jaxpar.kernels_pallas import dispatch
+from jaxpar.kernels_pallas.attention import widen
 from jaxpar.kernels_pallas.errors import KernelFallbackWarning, UnsupportedShapeError
 from jaxpar.models.cache import FP8, SCALE_DTYPE, CacheDtypeError, CacheDtypes, dequantize_kv, quantize_kv
 from jaxpar.models.decoder import init_cache
@@ -53,6 +54,17 @@ def test_quantize_kv_bounds_and_round_trip():
     # Any other dtype: a plain cast, no scales.
     y, none = quantize_kv(jnp.asarray(x), jnp.bfloat16)
     assert none is None and y.dtype == jnp.bfloat16
+
+
+def test_widen_decodes_every_fp8_code_exactly():
+    """The reference reads fp8 through integer ops (XLA:CPU's own conversion is slow):
+    every code but NaN (never stored) gives the float32 value, signed zeros included."""
+    codes = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), FP8)
+    got, want = np.asarray(jax.jit(widen)(codes)), np.asarray(codes.astype(jnp.float32))
+    finite = ~np.isnan(want)
+    assert finite.sum() == 254
+    np.testing.assert_array_equal(got[finite], want[finite])
+    np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
 
 
 def _scaled_case(seed: int, b=2, s=32, kvh=2, h=4, d=16, t=5):

@@ -40,6 +40,32 @@ __all__ = [
 ]
 
 _PRECISION = lax.Precision.HIGHEST
+_FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def _raw(x: jax.Array) -> jax.Array:
+    """fp8 viewed as uint8 for layout ops (pad, transpose), which XLA:CPU would otherwise
+    run by widening the whole array and narrowing it back."""
+    return lax.bitcast_convert_type(x, jnp.uint8) if x.dtype == _FP8 else x
+
+
+def _cooked(x: jax.Array, dtype) -> jax.Array:
+    return lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) == _FP8 else x
+
+
+def widen(x: jax.Array) -> jax.Array:
+    """A cache block as float32. float8_e4m3fn is decoded from its bits with integer ops
+    (XLA:CPU converts fp8 element by element in software, several times slower): e4m3's
+    exponent and mantissa land in float32's fields with the bias moved from 7 to 127, and
+    subnormals (exponent 0) are m * 2^-9. The NaN code is never stored (writes clip to
+    +-448) and would read as 480."""
+    if x.dtype != _FP8:
+        return x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    mag = bits & 0x7F
+    normal = lax.bitcast_convert_type((mag << 20) + (120 << 23), jnp.float32)
+    value = jnp.where(mag < 8, mag.astype(jnp.float32) * 2.0**-9, normal)
+    return jnp.where(bits >= 0x80, -value, value)
 # Default block sizes of the blocked references: one block up to 512 tokens (tests and
 # short prompts run as plain attention), [512, 512] score tiles beyond.
 _BLOCK = 512
@@ -224,11 +250,12 @@ def extend_attention(
     bk = min(block_k, s_len)
     sp = -(-s_len // bk) * bk
     qg = jnp.moveaxis(_group_queries(q, kvh).astype(jnp.float32), 1, 3)  # [B, KVH, G, T, D]
+    cache_dtype = k_cache.dtype
     kb, vb = (
-        jnp.moveaxis(jnp.pad(c, ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
+        jnp.moveaxis(jnp.pad(_raw(c), ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
                      .reshape(b, sp // bk, bk, kvh, d), (1, 3), (0, 2))  # fmt: skip
         for c in (k_cache, v_cache)
-    )  # [nk, B, KVH, bk, D] in the cache dtype: each step converts one block
+    )  # [nk, B, KVH, bk, D] in the cache dtype (fp8 as its bits): each step converts one block
     if k_scale is not None:
         ksb, vsb = (
             jnp.moveaxis(jnp.pad(c.astype(jnp.float32), ((0, 0), (0, sp - s_len), (0, 0)))
@@ -239,9 +266,9 @@ def extend_attention(
 
     def body(j, carry):
         slot_pos = (j * bk + jnp.arange(bk)) * dcp_size + dcp_rank  # [bk]
-        s = jnp.einsum("bhgtd,bhkd->bhgtk", qg, kb[j].astype(jnp.float32),
+        s = jnp.einsum("bhgtd,bhkd->bhgtk", qg, widen(_cooked(kb[j], cache_dtype)),
                        precision=_PRECISION) * scale  # fmt: skip
-        vj = vb[j].astype(jnp.float32)
+        vj = widen(_cooked(vb[j], cache_dtype))
         if k_scale is not None:
             s = s * ksb[j][:, :, None, None, :]
             vj = vj * vsb[j][..., None]
@@ -309,7 +336,7 @@ def decode_attention(
     if kv_starts is not None:
         valid = valid & (jnp.arange(s_len)[None, :] >= kv_starts[:, None])
     with jax.named_scope("decode_scores"):
-        s = jnp.sum(qg[:, None] * k_cache.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [B, S, KVH, G]
+        s = jnp.sum(qg[:, None] * widen(k_cache)[:, :, :, None, :], axis=-1)  # [B, S, KVH, G]
         if k_scale is not None:
             s = s * k_scale.astype(jnp.float32)[..., None]
         s = jnp.where(valid[:, :, None, None], s * scale, -jnp.inf)
@@ -319,7 +346,7 @@ def decode_attention(
     denom = jnp.sum(p, axis=1)
     if v_scale is not None:
         p = p * v_scale.astype(jnp.float32)[..., None]
-    o = jnp.sum(p[..., None] * v_cache.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, KVH, G, D]
+    o = jnp.sum(p[..., None] * widen(v_cache)[:, :, :, None, :], axis=1)  # [B, KVH, G, D]
     has_any = denom > 0
     o = o / jnp.where(has_any, denom, 1.0)[..., None]
     lse = jnp.where(has_any, m_safe + jnp.log(jnp.where(has_any, denom, 1.0)), -jnp.inf)

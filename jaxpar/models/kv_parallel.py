@@ -75,13 +75,31 @@ def _quantized(arrays: list, k_new: jax.Array, v_new: jax.Array) -> list:
     return [kq, vq] + ([ks, vs] if len(arrays) == 4 else [])
 
 
+def _bits(x: jax.Array) -> jax.Array:
+    """An fp8 array viewed as uint8 (free). XLA:CPU has no fp8 scatter or update-slice: it
+    widens the whole cache, writes and narrows it back, every step; on the bits it writes
+    in place."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint8) if x.dtype == FP8 else x
+
+
+def _unbits(x: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) == FP8 else x
+
+
+def _put(c: jax.Array, x: jax.Array, start) -> jax.Array:
+    """`c` with `x` written from `start` along the slot axis (axis 1)."""
+    out = jax.lax.dynamic_update_slice_in_dim(_bits(c), _bits(x.astype(c.dtype)), start, 1)
+    return _unbits(out, c.dtype)
+
+
 def _write_slots(arrays: list, new: list, rows, slot, mine) -> list:
     """Writes each new[i] at [rows, slot] of arrays[i] where `mine` holds. Under DCP n
     consecutive positions share a local slot index, one per rank: another rank's positions
     are sent past the end and dropped (writing them back unchanged would race with this
     rank's write to the same slot)."""
     slot = jnp.where(mine, slot, arrays[0].shape[1])
-    return [c.at[rows, slot].set(x.astype(c.dtype), mode="drop") for c, x in zip(arrays, new)]
+    return [_unbits(_bits(c).at[rows, slot].set(_bits(x.astype(c.dtype)), mode="drop"), c.dtype)
+            for c, x in zip(arrays, new)]
 
 
 def decode_attention(rules: AxisRules, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
@@ -130,8 +148,7 @@ def write_prefill(rules: AxisRules, k: jax.Array, v: jax.Array, cache: KVCache) 
     arrays = _cache_arrays(cache)
     new = _quantized(arrays, k, v)
     if n_dcp == 1:
-        return KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, 1)
-                         for c, x in zip(arrays, new)))
+        return KVCache(*(_put(c, x, 0) for c, x in zip(arrays, new)))
     dcp_axes = rules.axes_for("cache_seq")
 
     def local(*args):
@@ -144,8 +161,7 @@ def write_prefill(rules: AxisRules, k: jax.Array, v: jax.Array, cache: KVCache) 
             x = x.reshape(b, t // n_dcp, n_dcp, *x.shape[2:])
             return jax.lax.dynamic_index_in_dim(x, rank, axis=2, keepdims=False)
 
-        return tuple(jax.lax.dynamic_update_slice_in_dim(c, mine(x).astype(c.dtype), 0, 1)
-                     for c, x in zip(arrays, new))
+        return tuple(_put(c, mine(x), 0) for c, x in zip(arrays, new))
 
     new_specs = [rules.spec(("batch", None, "kv_heads", "head_dim"))] * 2
     if cache.scaled:
