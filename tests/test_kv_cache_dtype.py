@@ -213,6 +213,13 @@ def test_state_dtype_reaches_the_gdn_cache(tmp_path):
         gdn, attention = engine._scheduler.decode.cache.layers[:4:3]
         assert gdn.recurrent.dtype == state and gdn.conv_q.dtype == jnp.float32
         assert attention.k.dtype == FP8 and attention.v_scale.dtype == SCALE_DTYPE
+    # `jaxpar plan` counts the states in the chosen dtype (the recurrent state halves).
+    from jaxpar.sharding.inspect import plan
+
+    states = {d: plan(path, "tp", devices=jax.devices()[:1], collectives=False, dtype="float32",
+                      state_dtype=d).cache_bytes_by_part["state"] for d in ("float32", "bfloat16")}
+    recurrent = model.cfg.linear_num_value_heads * model.cfg.linear_key_head_dim * model.cfg.linear_value_head_dim
+    assert states["float32"] - states["bfloat16"] == 3 * recurrent * 2  # 3 GDN layers, batch 1
 
 
 def test_bad_cache_dtypes_fail_before_loading(stories_dir):

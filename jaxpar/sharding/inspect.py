@@ -140,13 +140,13 @@ class PlanReport:
 
 
     def _cache_detail(self) -> str:
-        """e.g. "KV float8_e4m3fn 327,680 + scales 81,920; state float32 65,536"."""
+        """e.g. "KV float8_e4m3fn 327,680 + scales 81,920; GDN states 65,536 (recurrent float32)"."""
         parts, n = [], self.cache_bytes_by_part
         if "kv" in self.cache_dtypes:
             scales = f" + scales {n['kv_scales']:,d}" if n.get("kv_scales") else ""
             parts.append(f"KV {self.cache_dtypes['kv']} {n.get('kv', 0):,d}{scales}")
         if "state" in self.cache_dtypes:
-            parts.append(f"state {self.cache_dtypes['state']} {n.get('state', 0):,d}")
+            parts.append(f"GDN states {n.get('state', 0):,d} (recurrent {self.cache_dtypes['state']})")
         return "; ".join(parts)
 
 
