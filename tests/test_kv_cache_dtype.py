@@ -56,15 +56,20 @@ def test_quantize_kv_bounds_and_round_trip():
     assert none is None and y.dtype == jnp.bfloat16
 
 
-def test_widen_decodes_every_fp8_code_exactly():
-    """The reference reads fp8 through integer ops (XLA:CPU's own conversion is slow):
-    every code but NaN (never stored) gives the float32 value, signed zeros included."""
+def test_widen_decodes_every_fp8_and_bf16_code_exactly():
+    """The reference reads fp8 and bf16 caches through integer ops (XLA:CPU's own
+    conversion is slow): every fp8 code but NaN (never stored) gives the float32 value,
+    signed zeros included; every bf16 code gives the same float32 bits."""
     codes = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), FP8)
     got, want = np.asarray(jax.jit(widen)(codes)), np.asarray(codes.astype(jnp.float32))
     finite = ~np.isnan(want)
     assert finite.sum() == 254
     np.testing.assert_array_equal(got[finite], want[finite])
     np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+    # bfloat16 (the top half of a float32): every one of its 65536 codes, NaNs staying NaN.
+    bf16 = jax.lax.bitcast_convert_type(jnp.arange(65536, dtype=jnp.uint32).astype(jnp.uint16), jnp.bfloat16)
+    got, want = np.asarray(jax.jit(widen)(bf16)), np.asarray(bf16.astype(jnp.float32))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def _scaled_case(seed: int, b=2, s=32, kvh=2, h=4, d=16, t=5):

@@ -41,24 +41,30 @@ __all__ = [
 
 _PRECISION = lax.Precision.HIGHEST
 _FP8 = jnp.dtype(jnp.float8_e4m3fn)
+# Cache dtypes handled through their bits (see `widen`), by the unsigned type of their size.
+_BITS = {_FP8: jnp.uint8, jnp.dtype(jnp.bfloat16): jnp.uint16}
 
 
 def _raw(x: jax.Array) -> jax.Array:
-    """fp8 viewed as uint8 for layout ops (pad, transpose), which XLA:CPU would otherwise
-    run by widening the whole array and narrowing it back."""
-    return lax.bitcast_convert_type(x, jnp.uint8) if x.dtype == _FP8 else x
+    """fp8 / bf16 viewed as unsigned bits for layout ops (pad, transpose), which XLA:CPU
+    would otherwise run by widening the whole array and narrowing it back."""
+    bits = _BITS.get(x.dtype)
+    return x if bits is None else lax.bitcast_convert_type(x, bits)
 
 
 def _cooked(x: jax.Array, dtype) -> jax.Array:
-    return lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) == _FP8 else x
+    return lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) in _BITS else x
 
 
 def widen(x: jax.Array) -> jax.Array:
-    """A cache block as float32. float8_e4m3fn is decoded from its bits with integer ops
-    (XLA:CPU converts fp8 element by element in software, several times slower): e4m3's
-    exponent and mantissa land in float32's fields with the bias moved from 7 to 127, and
-    subnormals (exponent 0) are m * 2^-9. The NaN code is never stored (writes clip to
-    +-448) and would read as 480."""
+    """A cache block as float32, decoded from its bits with integer ops where XLA:CPU's own
+    conversion runs element by element in software (several times slower). bfloat16 is the
+    top half of a float32. float8_e4m3fn: its exponent and mantissa land in float32's fields
+    with the bias moved from 7 to 127, and subnormals (exponent 0) are m * 2^-9; the NaN
+    code is never stored (writes clip to +-448) and would read as 480."""
+    if x.dtype == jnp.bfloat16:
+        return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16,
+                                        jnp.float32)
     if x.dtype != _FP8:
         return x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)

@@ -75,15 +75,19 @@ def _quantized(arrays: list, k_new: jax.Array, v_new: jax.Array) -> list:
     return [kq, vq] + ([ks, vs] if len(arrays) == 4 else [])
 
 
+_BITS = {FP8: jnp.uint8, jnp.dtype(jnp.bfloat16): jnp.uint16}
+
+
 def _bits(x: jax.Array) -> jax.Array:
-    """An fp8 array viewed as uint8 (free). XLA:CPU has no fp8 scatter or update-slice: it
-    widens the whole cache, writes and narrows it back, every step; on the bits it writes
-    in place."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint8) if x.dtype == FP8 else x
+    """An fp8 / bf16 array viewed as unsigned bits. XLA:CPU has no fp8 or bf16 scatter or
+    update-slice: it widens the whole cache, writes and narrows it back, every step; on
+    the bits it writes in place."""
+    bits = _BITS.get(x.dtype)
+    return x if bits is None else jax.lax.bitcast_convert_type(x, bits)
 
 
 def _unbits(x: jax.Array, dtype) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) == FP8 else x
+    return jax.lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) in _BITS else x
 
 
 def _put(c: jax.Array, x: jax.Array, start) -> jax.Array:
