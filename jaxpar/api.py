@@ -56,6 +56,14 @@ def _stop_ids(cfg: ModelConfig, tokenizer: Tokenizer | None, model_dir: Path) ->
     return ids
 
 
+def _check_pipeline_cache(cache_dtypes: CacheDtypes, dtype) -> None:
+    """Pipeline stages keep one dtype for activations and caches (jaxpar.pipeline)."""
+    if cache_dtypes != CacheDtypes.resolve(dtype):
+        raise CacheDtypeError(
+            f"kv_cache_dtype / state_dtype other than 'auto' are not supported with pipeline "
+            f"stages (pp > 1) yet: got {cache_dtypes}; use a policy without pp")
+
+
 class LoadedModel:
     """A model with its weights placed on a mesh, its tokenizer and compiled programs.
     Over a pipeline (`module` a `PipelineModel`), `generate` and `logits` run through the
@@ -76,10 +84,7 @@ class LoadedModel:
         # GDN / Mamba conv inputs and recurrent state.
         self.cache_dtypes = cache_dtypes if cache_dtypes is not None else CacheDtypes.resolve(dtype)
         if isinstance(module, PipelineModel):
-            if self.cache_dtypes != CacheDtypes.resolve(dtype):
-                raise CacheDtypeError(
-                    f"kv_cache_dtype / state_dtype other than 'auto' are not supported with pipeline "
-                    f"stages (pp > 1) yet: got {self.cache_dtypes}; use a policy without pp")
+            _check_pipeline_cache(self.cache_dtypes, dtype)
             self._generator = PipelineGenerator(module, cache_dtype=dtype, prefill_chunk=prefill_chunk)
         else:
             if prefill_chunk is not None:
@@ -186,6 +191,7 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
         progress = sys.stderr.isatty()
     bar = (lambda it: tqdm(it, desc="loading weights", unit="tensor", leave=False)) if progress else None
     if isinstance(sharding, PipelineSharding):
+        _check_pipeline_cache(cache_dtypes, jdtype)
         module = PipelineModel.load(ckpt, sharding, jdtype, options, progress=bar)
     else:
         graphdef, state = abstract_model(cfg, sharding, jdtype, options)

@@ -233,7 +233,8 @@ def test_bad_cache_dtypes_fail_before_loading(stories_dir):
     with pytest.raises(CacheDtypeError, match="state_dtype"):
         jaxpar.load(stories_dir, state_dtype="float8_e4m3fn")
     assert issubclass(CacheDtypeError, ValueError)
-    # Pipeline stages keep one dtype for activations and caches: anything else is refused.
+    # Pipeline stages keep one dtype for activations and caches: anything else is refused
+    # (before the weights load).
     with pytest.raises(CacheDtypeError, match="pipeline stages"):
         jaxpar.load(stories_dir, policy={"axes": {"pp": 2}}, devices=jax.devices()[:2], kv_cache_dtype="fp8",
                     progress=False)
