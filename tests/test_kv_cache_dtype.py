@@ -225,6 +225,12 @@ def test_state_dtype_reaches_the_gdn_cache(tmp_path):
                       state_dtype=d).cache_bytes_by_part["state"] for d in ("float32", "bfloat16")}
     recurrent = model.cfg.linear_num_value_heads * model.cfg.linear_key_head_dim * model.cfg.linear_value_head_dim
     assert states["float32"] - states["bfloat16"] == 3 * recurrent * 2  # 3 GDN layers, batch 1
+    # Mamba2 (Nemotron-H): its SSM state follows state_dtype too.
+    nh = hf_models.write_tiny("nemotron_h", tmp_path / "nemotron_h")
+    report = {d: plan(nh, "tp", devices=jax.devices()[:1], collectives=False, dtype="float32",
+                      state_dtype=d) for d in ("float32", "bfloat16")}
+    assert report["bfloat16"].cache_dtypes["state"] == "bfloat16"
+    assert report["bfloat16"].cache_bytes_by_part["state"] < report["float32"].cache_bytes_by_part["state"]
 
 
 def test_bad_cache_dtypes_fail_before_loading(stories_dir):
