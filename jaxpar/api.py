@@ -23,6 +23,7 @@ from jaxpar.config import ModelConfig
 from jaxpar.engine import Engine as _Engine
 from jaxpar.generate import GenerationResult, Generator
 from jaxpar.loading.sources import CheckpointError
+from jaxpar.models.cache import CacheDtypes, CacheDtypeError
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.options import KernelImpl, RuntimeOptions
 from jaxpar.pipeline import PipelineGenerator, PipelineModel
@@ -55,6 +56,14 @@ def _stop_ids(cfg: ModelConfig, tokenizer: Tokenizer | None, model_dir: Path) ->
     return ids
 
 
+def _check_pipeline_cache(cache_dtypes: CacheDtypes, dtype) -> None:
+    """Pipeline stages keep one dtype for activations and caches (jaxpar.pipeline)."""
+    if cache_dtypes != CacheDtypes.resolve(dtype):
+        raise CacheDtypeError(
+            f"kv_cache_dtype / state_dtype other than 'auto' are not supported with pipeline "
+            f"stages (pp > 1) yet: got {cache_dtypes}; use a policy without pp")
+
+
 class LoadedModel:
     """A model with its weights placed on a mesh, its tokenizer and compiled programs.
     Over a pipeline (`module` a `PipelineModel`), `generate` and `logits` run through the
@@ -62,7 +71,7 @@ class LoadedModel:
 
     def __init__(self, module: CausalLM | PipelineModel, tokenizer: Tokenizer | None, dtype,
                  stop_ids: set[int], skipped_weights: Sequence[str] = (),
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, cache_dtypes: CacheDtypes | None = None):
         self.module = module
         # Checkpoint tensors deliberately not loaded (e.g. a vision tower, an MTP head).
         self.skipped_weights = list(skipped_weights)
@@ -71,13 +80,17 @@ class LoadedModel:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.stop_ids = stop_ids
+        # What generation's cache stores: KV (fp8 with per-slot scales, or a plain dtype),
+        # GDN / Mamba conv inputs and recurrent state.
+        self.cache_dtypes = cache_dtypes if cache_dtypes is not None else CacheDtypes.resolve(dtype)
         if isinstance(module, PipelineModel):
+            _check_pipeline_cache(self.cache_dtypes, dtype)
             self._generator = PipelineGenerator(module, cache_dtype=dtype, prefill_chunk=prefill_chunk)
         else:
             if prefill_chunk is not None:
                 raise ValueError("prefill_chunk sets how a prompt flows through pipeline stages; this "
                                  "model has no pipeline (give a policy with pp > 1)")
-            self._generator = Generator(module, cache_dtype=dtype)
+            self._generator = Generator(module, cache_dtype=self.cache_dtypes)
         self._forward = None
 
     @property
@@ -148,7 +161,8 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
          devices: Sequence[jax.Device] | None = None, mesh: jax.sharding.Mesh | None = None,
          sharding: ModelSharding | PipelineSharding | None = None, kernel_impl: KernelImpl = "auto",
          progress: bool | None = None, tokenizer: bool | Tokenizer = True,
-         prefill_chunk: int | None = None, dequantize: bool = False) -> LoadedModel:
+         prefill_chunk: int | None = None, dequantize: bool = False, kv_cache_dtype: str | None = "auto",
+         state_dtype: str | None = "auto") -> LoadedModel:
     """Loads an HF folder (safetensors), a Llama GGUF file, or an alias (`smollm2-135m`).
 
     `policy` is a rule table (preset name such as "tp" / "tpa-dcp" / "dp-attention" / "sp",
@@ -165,12 +179,18 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     `weight_block_size`) keeps its quantised weights in float8_e4m3fn with their block
     scales applied in each matmul, or with `dequantize=True` is dequantised to `dtype`
     while loading; other quantisation methods raise UnsupportedQuantizationError.
+
+    `kv_cache_dtype`: what attention layers cache keys / values in: "auto" (the model's
+    dtype), "float32", "bfloat16", "float16" or "float8_e4m3fn" (alias "fp8": scaled
+    values, one scale per token and KV head computed when written). `state_dtype`: the GDN
+    recurrent state's dtype ("auto" = float32, "bfloat16", "float16").
     """
     ckpt = open_checkpoint(path_or_alias)
     ckpt.dequantize = dequantize
     ckpt.quantization  # noqa: B018  (refuses an unsupported quantisation before any work)
     cfg = ckpt.cfg
     jdtype = resolve_dtype(dtype, cfg)
+    cache_dtypes = CacheDtypes.resolve(jdtype, kv_cache_dtype, state_dtype)  # bad names fail before loading
     if sharding is None:
         sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
     options = RuntimeOptions(kernel_impl=kernel_impl)
@@ -178,6 +198,7 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
         progress = sys.stderr.isatty()
     bar = (lambda it: tqdm(it, desc="loading weights", unit="tensor", leave=False)) if progress else None
     if isinstance(sharding, PipelineSharding):
+        _check_pipeline_cache(cache_dtypes, jdtype)
         module = PipelineModel.load(ckpt, sharding, jdtype, options, progress=bar)
     else:
         graphdef, state = abstract_model(cfg, sharding, jdtype, options, fp8_from=None if dequantize else ckpt)
@@ -198,14 +219,15 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
         logging.getLogger("jaxpar").warning("not loaded: %d tensors under %s (text model only)",
                                             len(skipped), ", ".join(groups))
     return LoadedModel(module, tok, jdtype, _stop_ids(cfg, tok, ckpt.tokenizer_dir), skipped,
-                       prefill_chunk=prefill_chunk)
+                       prefill_chunk=prefill_chunk, cache_dtypes=cache_dtypes)
 
 
 def generate(path_or_alias: str | Path, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64,
              **kwargs) -> GenerationResult:
-    """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh)."""
+    """One-shot: `jaxpar.generate(model, prompts, ...)` (load arguments: dtype, devices, mesh,
+    kv_cache_dtype, state_dtype, ...)."""
     load_keys = {"dtype", "policy", "devices", "mesh", "sharding", "kernel_impl", "progress", "tokenizer",
-                 "prefill_chunk", "dequantize"}
+                 "prefill_chunk", "dequantize", "kv_cache_dtype", "state_dtype"}
     model = load(path_or_alias, **{k: v for k, v in kwargs.items() if k in load_keys})
     return model.generate(prompts, max_new_tokens,
                           **{k: v for k, v in kwargs.items() if k not in load_keys})
@@ -222,6 +244,7 @@ class Engine(_Engine):
 
 
 __all__ = ["load", "generate", "open_tokenizer", "LoadedModel", "Engine", "CheckpointError", "DEFAULT_MODEL",
+           "CacheDtypes", "CacheDtypeError",
            # from jaxpar.assembly, importable from here as before
            "ALIASES", "DTYPES", "SMOLLM2_GGUF", "SMOLLM2_WHEEL", "Policy", "make_sharding",
            "open_config", "resolve_dtype", "smollm2_gguf_path"]

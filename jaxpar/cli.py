@@ -20,6 +20,18 @@ def _positive_int(text: str) -> int:
     return n
 
 
+KV_CACHE_DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16", "float8_e4m3fn", "fp8", "fp8_e4m3"]
+STATE_DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def _add_cache_dtypes(p) -> None:
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="attention KV cache dtype (default auto: the model's dtype); fp8 = "
+                        "float8_e4m3fn with one scale per token and KV head")
+    p.add_argument("--state-dtype", default="auto", choices=STATE_DTYPE_CHOICES,
+                   help="GDN recurrent-state dtype (default auto: float32)")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", default="smollm2-135m",
@@ -35,6 +47,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    _add_cache_dtypes(p)
     p.add_argument("--policy", default=None,
                    help="sharding rule table: a preset (tp, tpa-dcp, dp-attention, sp, ep, "
                         "gdn-replicated) or a YAML file (pp > 1: pipeline stages); default: one device")
@@ -54,6 +67,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--seq", type=_positive_int, default=128, help="prompt length for the prefill step")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "auto"])
+    _add_cache_dtypes(p)
     p.add_argument("--devices", type=_positive_int, default=None,
                    help="use the first N devices (default: all for the policy); N CPU devices "
                         "need XLA_FLAGS=--xla_force_host_platform_device_count=N")
@@ -79,7 +93,8 @@ def _plan(args) -> int:
                 f"jaxpar plan {args.model} --devices {args.devices}")
         devices = present[: args.devices]
     report = plan(args.model, args.policy, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                  devices=devices, collectives=not args.no_collectives)
+                  devices=devices, collectives=not args.no_collectives,
+                  kv_cache_dtype=args.kv_cache_dtype, state_dtype=args.state_dtype)
     print(report.format())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
@@ -111,7 +126,8 @@ def _generate(args) -> int:
 
     model = jaxpar.load(args.model, dtype=args.dtype, policy=args.policy, tokenizer=tokenizer,
                         progress=sys.stderr.isatty(), prefill_chunk=args.prefill_chunk,
-                        dequantize=args.dequantize)
+                        dequantize=args.dequantize, kv_cache_dtype=args.kv_cache_dtype,
+                        state_dtype=args.state_dtype)
     single = len(args.prompt) == 1 and not args.json
     streamed = []
 

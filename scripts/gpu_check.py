@@ -54,13 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jaxpar.kernels_pallas import dispatch  # noqa: E402
+from jaxpar.models.cache import FP8, quantize_kv  # noqa: E402
 
 SECTIONS = ("kernels", "prefill", "decode", "gdn", "generate")
 # Nominal HBM bandwidth (bytes/s) by device kind; a measured device copy is reported too.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
                      "H100 NVL": 3.9e12, "GH200": 4.0e12, "A100-SXM4-80GB": 2.04e12,
                      "A100-SXM4-40GB": 1.56e12, "B200": 8.0e12}  # fmt: skip
-TOLERANCE = {"bfloat16": 6e-2, "float32": 2e-3}
+# fp8: the kernel and the reference read the same fp8 cache (bf16 queries), so bf16's bound.
+TOLERANCE = {"bfloat16": 6e-2, "float32": 2e-3, "fp8": 6e-2}
 
 
 class Report:
@@ -121,8 +123,8 @@ def shapes(dry: bool) -> dict:
     if dry:
         return dict(
             attention_prefill=[(1, 24, 2, 1, 24, "float32")],
-            attention_extend=[(1, 16, 2, 1, 16, 32, 8, "bfloat16")],
-            attention_decode=[(2, 32, 2, 1, 16, "bfloat16")],
+            attention_extend=[(1, 16, 2, 1, 16, 32, 8, "bfloat16"), (1, 16, 2, 1, 16, 32, 8, "fp8")],
+            attention_decode=[(2, 32, 2, 1, 16, "bfloat16"), (2, 32, 2, 1, 16, "fp8")],
             gated_delta_rule_chunked=[(1, 24, 1, 1, 16, "bfloat16")],
             gated_delta_rule_decode=[(2, 1, 1, 16, "float32")],
         )
@@ -131,16 +133,26 @@ def shapes(dry: bool) -> dict:
         attention_prefill=[(1, 4096, 32, 8, 128, "bfloat16"), (1, 4096, 16, 2, 256, "bfloat16"),
                            (1, 2048, 32, 8, 96, "bfloat16"), (1, 1024, 16, 2, 128, "float32")],
         # (B, T, H, KVH, D, S, start, dtype): a 512-token chunk after 3000 cached tokens
-        attention_extend=[(1, 512, 16, 2, 256, 8192, 3000, "bfloat16")],
+        # "fp8": bf16 queries over a float8_e4m3fn cache with per-slot scales
+        attention_extend=[(1, 512, 16, 2, 256, 8192, 3000, "bfloat16"), (1, 512, 8, 8, 128, 8192, 3000, "fp8")],
         # (B, S, H, KVH, D, dtype)
         attention_decode=[(1, 32768, 16, 2, 256, "bfloat16"), (32, 4096, 32, 8, 128, "bfloat16"),
-                          (8, 4096, 16, 2, 128, "float32")],
+                          (8, 4096, 16, 2, 128, "float32"), (32, 4096, 32, 8, 128, "fp8")],
         # (B, T, Hk, Hv, D, dtype): Qwen3-Next GDN, T not a multiple of the chunk
         gated_delta_rule_chunked=[(1, 4096, 16, 32, 128, "bfloat16"),
                                   (2, 1000, 8, 16, 256, "bfloat16"), (1, 1000, 4, 8, 128, "float32")],
         # (B, Hk, Hv, D, dtype)
         gated_delta_rule_decode=[(32, 16, 32, 128, "bfloat16"), (32, 16, 32, 256, "float32")],
     )
+
+
+def _cache(key_k, key_v, shape, dt) -> tuple[jax.Array, jax.Array, dict]:
+    """Keys and values [B, S, KVH, D] in `dt`; "fp8": stored as the model does (float8_e4m3fn
+    with per-slot scales, returned as the keywords k_scale, v_scale)."""
+    if dt != "fp8":
+        return _rand(key_k, shape, dt), _rand(key_v, shape, dt), {}
+    (k, ks), (v, vs) = (quantize_kv(_rand(key, shape, jnp.float32, 2.0), FP8) for key in (key_k, key_v))
+    return k, v, dict(k_scale=ks, v_scale=vs)
 
 
 def make_case(op: str, shape: tuple, seed: int = 0) -> tuple[tuple, dict, str]:
@@ -155,15 +167,17 @@ def make_case(op: str, shape: tuple, seed: int = 0) -> tuple[tuple, dict, str]:
     if op == "attention_extend":
         b, t, h, kvh, d, s, start, dt = shape
         pos = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        args = (_rand(keys[0], (b, t, h, d), dt), _rand(keys[1], (b, s, kvh, d), dt),
-                _rand(keys[2], (b, s, kvh, d), dt), pos, jnp.full((b,), start + t - 3, jnp.int32))  # fmt: skip
-        return args, dict(scale=d**-0.5), f"B{b} T{t} H{h} KVH{kvh} D{d} S{s} {dt}"
+        kc, vc, scales = _cache(keys[1], keys[2], (b, s, kvh, d), dt)
+        q = _rand(keys[0], (b, t, h, d), "bfloat16" if dt == "fp8" else dt)
+        args = (q, kc, vc, pos, jnp.full((b,), start + t - 3, jnp.int32))
+        return args, dict(scale=d**-0.5, **scales), f"B{b} T{t} H{h} KVH{kvh} D{d} S{s} {dt}"
     if op == "attention_decode":
         b, s, h, kvh, d, dt = shape
         kv_lens = jax.random.randint(keys[3], (b,), 1, s + 1).at[0].set(s - s // 10)
-        args = (_rand(keys[0], (b, h, d), dt), _rand(keys[1], (b, s, kvh, d), dt),
-                _rand(keys[2], (b, s, kvh, d), dt), kv_lens.astype(jnp.int32))  # fmt: skip
-        return args, dict(scale=d**-0.5), f"B{b} S{s} H{h} KVH{kvh} D{d} {dt}"
+        kc, vc, scales = _cache(keys[1], keys[2], (b, s, kvh, d), dt)
+        q = _rand(keys[0], (b, h, d), "bfloat16" if dt == "fp8" else dt)
+        return (q, kc, vc, kv_lens.astype(jnp.int32)), dict(scale=d**-0.5, **scales), \
+            f"B{b} S{s} H{h} KVH{kvh} D{d} {dt}"
     if op == "gated_delta_rule_chunked":
         b, t, hk, hv, d, dt = shape
         args = gdn_inputs(keys, b, t, hk, hv, d, dt)

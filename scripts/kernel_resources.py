@@ -87,6 +87,22 @@ def cases() -> list[Case]:
         out.append(Case(f"attention_extend D{d} DCP2 bfloat16", extend,
                         (_s(1, 512, h, d), _s(1, S, kvh, d), _s(1, S, kvh, d), _i32(1, 512),
                          _i32(1), _i32())))  # fmt: skip
+    # An fp8 KV cache (float8_e4m3fn values, bf16 per-slot scales [B, S, KVH]), bf16 queries.
+    fp8, d, h, kvh = jnp.float8_e4m3fn, 128, 32, 8
+
+    def decode_fp8(q, k, v, n, ks, vs, d=d):
+        return attn.decode_attention_pallas(q, k, v, n, scale=d**-0.5, k_scale=ks, v_scale=vs)
+
+    def extend_fp8(q, k, v, pos, n, rank, ks, vs, d=d):
+        return attn.extend_attention_pallas(q, k, v, pos, n, scale=d**-0.5, dcp_rank=rank, dcp_size=2,
+                                            k_scale=ks, v_scale=vs)  # fmt: skip
+
+    out.append(Case(f"attention_decode D{d} G{h // kvh} fp8", decode_fp8,
+                    (_s(1, h, d), _s(1, S, kvh, d, dtype=fp8), _s(1, S, kvh, d, dtype=fp8), _i32(1),
+                     _s(1, S, kvh), _s(1, S, kvh))))  # fmt: skip
+    out.append(Case(f"attention_extend D{d} DCP2 fp8", extend_fp8,
+                    (_s(1, 512, h, d), _s(1, S, kvh, d, dtype=fp8), _s(1, S, kvh, d, dtype=fp8),
+                     _i32(1, 512), _i32(1), _i32(), _s(1, S, kvh), _s(1, S, kvh))))  # fmt: skip
     for d, dt in [(128, jnp.bfloat16), (256, jnp.bfloat16), (128, jnp.float32),
                   (256, jnp.float32)]:  # fmt: skip
         name = jnp.dtype(dt).name

@@ -26,6 +26,7 @@ from jaxpar.engine.requests import RequestOutput
 from jaxpar.engine.transfer import (Channel, LocalLink, ReceiveLink, SendLink, handshake, kv_reorders,
                                     mirror_mesh, payload_shapes, payload_shardings)
 from jaxpar.engine.workers import DecodeWorker, PrefillWorker
+from jaxpar.models.cache import CacheDtypes
 from jaxpar.models.decoder import cache_shapes
 from jaxpar.sampling import SamplingParams
 from jaxpar.sharding.model_sharding import ModelSharding
@@ -77,7 +78,8 @@ class Engine:
     policy's shardings. `prefill_chunk` is the most prompt tokens one prefill step takes
     per request (shorter chunks use power-of-two buckets, so no request compiles anything
     new). `prefill_batch` requests are prefilled side by side (default: the prefill
-    policy's batch split, at least 1).
+    policy's batch split, at least 1). `kv_cache_dtype` / `state_dtype` (as in
+    `jaxpar.load`) choose the cache's dtypes; None keeps the loaded model's.
 
     Prefill / decode disaggregation: give `prefill_policy` / `prefill_devices` different
     from the decode ones (e.g. prefill `{"axes": {"tp": 4}}` on devices 0-3, decode TPA1 +
@@ -93,6 +95,7 @@ class Engine:
                  prefill_policy=None, prefill_devices: Sequence[jax.Device] | None = None,
                  decode_policy=None, decode_devices: Sequence[jax.Device] | None = None,
                  prefill_chunk: int = 256, prefill_batch: int | None = None,
+                 kv_cache_dtype: str | None = None, state_dtype: str | None = None,
                  load: Callable | None = None):
         max_slots = _whole("max_slots", max_slots)
         max_len = _whole("max_len", max_len)
@@ -127,12 +130,20 @@ class Engine:
             policy, devices = ((prefill_policy, prefill_devices) if loaded_stage == "prefill"
                                else (decode_policy, decode_devices))
             kwargs = {} if dtype is None else {"dtype": dtype}
+            kwargs.update({k: v for k, v in (("kv_cache_dtype", kv_cache_dtype), ("state_dtype", state_dtype))
+                           if v is not None})
             loaded = load(model, policy=policy, devices=devices, progress=False, **kwargs)
         elif dtype is not None and np.dtype(dtype) != np.dtype(loaded.dtype):
             raise EngineError(f"the model was loaded as {np.dtype(loaded.dtype).name}, but dtype={dtype!r} "
                               "was asked for: load it with that dtype")
         self.cfg = cfg = loaded.module.cfg
         self.dtype = loaded.dtype
+        # The cache's dtypes: the loaded model's, unless this engine asks for others (the
+        # weights do not depend on them).
+        own_dtypes = getattr(loaded, "cache_dtypes", None) or CacheDtypes.resolve(loaded.dtype)
+        self.cache_dtypes = CacheDtypes.resolve(
+            loaded.dtype, own_dtypes.kv if kv_cache_dtype is None else kv_cache_dtype,
+            own_dtypes.state if state_dtype is None else state_dtype)
         self.tokenizer = loaded.tokenizer
         self.stop_ids = frozenset(int(i) for i in loaded.stop_ids)
         own = loaded.module.sharding
@@ -172,17 +183,19 @@ class Engine:
         # Stages and programs for what this process runs.
         attention = [kind == "attention" for kind in cfg.layer_types]
         reorders = kv_reorders(prefill_sharding, decode_sharding, attention, self.cache_len)
-        decode_shapes = cache_shapes(cfg, decode_sharding, max_slots, self.cache_len, self.dtype)
+        decode_shapes = cache_shapes(cfg, decode_sharding, max_slots, self.cache_len, self.cache_dtypes)
         decode_mesh = decode_sharding.mesh
         self.decode_stage = self.prefill_stage = None
         if self.role in ("local", "decode"):
             _check_memory(decode_shapes, decode_sharding, max_slots, self.cache_len)
-            self.decode_stage = Stage(place(loaded.module, decode_sharding, self.dtype), self.dtype)
+            self.decode_stage = Stage(place(loaded.module, decode_sharding, self.dtype), self.dtype,
+                                      self.cache_dtypes)
         if self.role in ("local", "prefill"):
             if prefill_sharding is decode_sharding and self.decode_stage is not None:
                 self.prefill_stage = self.decode_stage
             else:
-                self.prefill_stage = Stage(place(loaded.module, prefill_sharding, self.dtype), self.dtype)
+                self.prefill_stage = Stage(place(loaded.module, prefill_sharding, self.dtype), self.dtype,
+                                           self.cache_dtypes)
 
         self._channel = None
         self._calls = 0

@@ -51,6 +51,7 @@ class Stage:
 
     module: CausalLM
     dtype: object
+    cache_dtypes: object = None  # a models.cache.CacheDtypes; None: everything in `dtype`
 
     def __post_init__(self):
         self.graphdef, state = nnx.split(self.module)
@@ -67,7 +68,8 @@ class Stage:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, weights))
 
     def cache_shapes(self, rows: int, length: int) -> Cache:
-        return cache_shapes(self.cfg, self.sharding, rows, length, self.dtype)
+        return cache_shapes(self.cfg, self.sharding, rows, length,
+                            self.dtype if self.cache_dtypes is None else self.cache_dtypes)
 
 
 def bytes_per_device(shapes: Cache) -> int:

@@ -109,8 +109,8 @@ def take_row(cache: Cache, row: jax.Array, reorders: tuple) -> Cache:
     layers = []
     for layer, perm in zip(cache.layers, reorders):
         one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, row, 0, keepdims=True), layer)
-        if perm is not None and isinstance(one, KVCache):
-            one = KVCache(k=one.k[:, perm], v=one.v[:, perm])
+        if perm is not None and isinstance(one, KVCache):  # slots reordered, scales with them
+            one = jax.tree.map(lambda a: a[:, perm], one)
         layers.append(one)
     return Cache(layers=tuple(layers), lengths=jax.lax.dynamic_index_in_dim(cache.lengths, row, 0, keepdims=True))
 

@@ -40,6 +40,38 @@ __all__ = [
 ]
 
 _PRECISION = lax.Precision.HIGHEST
+_FP8 = jnp.dtype(jnp.float8_e4m3fn)
+# Cache dtypes handled through their bits (see `widen`), by the unsigned type of their size.
+_BITS = {_FP8: jnp.uint8, jnp.dtype(jnp.bfloat16): jnp.uint16}
+
+
+def _raw(x: jax.Array) -> jax.Array:
+    """fp8 / bf16 viewed as unsigned bits for layout ops (pad, transpose), which XLA:CPU
+    would otherwise run by widening the whole array and narrowing it back."""
+    bits = _BITS.get(x.dtype)
+    return x if bits is None else lax.bitcast_convert_type(x, bits)
+
+
+def _cooked(x: jax.Array, dtype) -> jax.Array:
+    return lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) in _BITS else x
+
+
+def widen(x: jax.Array) -> jax.Array:
+    """A cache block as float32, decoded from its bits with integer ops where XLA:CPU's own
+    conversion runs element by element in software (several times slower). bfloat16 is the
+    top half of a float32. float8_e4m3fn: its exponent and mantissa land in float32's fields
+    with the bias moved from 7 to 127, and subnormals (exponent 0) are m * 2^-9; the NaN
+    code is never stored (writes clip to +-448) and would read as 480."""
+    if x.dtype == jnp.bfloat16:
+        return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16,
+                                        jnp.float32)
+    if x.dtype != _FP8:
+        return x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    mag = bits & 0x7F
+    normal = lax.bitcast_convert_type((mag << 20) + (120 << 23), jnp.float32)
+    value = jnp.where(mag < 8, mag.astype(jnp.float32) * 2.0**-9, normal)
+    return jnp.where(bits >= 0x80, -value, value)
 # Default block sizes of the blocked references: one block up to 512 tokens (tests and
 # short prompts run as plain attention), [512, 512] score tiles beyond.
 _BLOCK = 512
@@ -197,6 +229,8 @@ def extend_attention(
     dcp_size: int = 1,
     window: int | None = None,
     block_k: int = _BLOCK,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked prefill: T queries at `q_positions` over a cache that already holds them.
 
@@ -210,6 +244,8 @@ def extend_attention(
       window: sliding window W: slot position p is visible to a query at i only if
         i - W < p. None: no window.
       block_k: slots per step; the loop stops at this rank's longest valid prefix.
+      k_scale, v_scale: [B, S, KVH] per-slot scales of a scaled (fp8) cache (see
+        :func:`decode_attention`), applied per key block.
     Returns:
       (o [B, T, H, D] float32, lse [B, T, H] float32); o = 0, lse = -inf where no slot is
       visible (merge ranks with :func:`merge_attention_partials`).
@@ -220,24 +256,35 @@ def extend_attention(
     bk = min(block_k, s_len)
     sp = -(-s_len // bk) * bk
     qg = jnp.moveaxis(_group_queries(q, kvh).astype(jnp.float32), 1, 3)  # [B, KVH, G, T, D]
+    cache_dtype = k_cache.dtype
     kb, vb = (
-        jnp.moveaxis(jnp.pad(c, ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
+        jnp.moveaxis(jnp.pad(_raw(c), ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
                      .reshape(b, sp // bk, bk, kvh, d), (1, 3), (0, 2))  # fmt: skip
         for c in (k_cache, v_cache)
-    )  # [nk, B, KVH, bk, D] in the cache dtype: each step converts one block
+    )  # [nk, B, KVH, bk, D] in the cache dtype (fp8 as its bits): each step converts one block
+    if k_scale is not None:
+        ksb, vsb = (
+            jnp.moveaxis(jnp.pad(c.astype(jnp.float32), ((0, 0), (0, sp - s_len), (0, 0)))
+                         .reshape(b, sp // bk, bk, kvh), (1, 3), (0, 2))  # fmt: skip
+            for c in (k_scale, v_scale)
+        )  # [nk, B, KVH, bk]
     n_valid = jnp.max(dcp_local_lengths(kv_lens, dcp_rank, dcp_size))
 
     def body(j, carry):
         slot_pos = (j * bk + jnp.arange(bk)) * dcp_size + dcp_rank  # [bk]
-        s = jnp.einsum("bhgtd,bhkd->bhgtk", qg, kb[j].astype(jnp.float32),
+        s = jnp.einsum("bhgtd,bhkd->bhgtk", qg, widen(_cooked(kb[j], cache_dtype)),
                        precision=_PRECISION) * scale  # fmt: skip
+        vj = widen(_cooked(vb[j], cache_dtype))
+        if k_scale is not None:
+            s = s * ksb[j][:, :, None, None, :]
+            vj = vj * vsb[j][..., None]
         ok = (slot_pos[None, None, :] <= q_positions[:, :, None]) & (
             slot_pos[None, None, :] < kv_lens[:, None, None]
         ) & (q_positions < kv_lens[:, None])[:, :, None]  # [B, T, bk]; padding queries: none
         if window is not None:
             ok = ok & (q_positions[:, :, None] - slot_pos[None, None, :] < window)
         s = jnp.where(ok[:, None, None], s, -jnp.inf)
-        return _online_softmax_step(carry, s, vb[j].astype(jnp.float32))
+        return _online_softmax_step(carry, s, vj)
 
     init = (
         jnp.zeros(qg.shape, jnp.float32),
@@ -266,6 +313,8 @@ def decode_attention(
     *,
     scale: float,
     kv_starts: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One query token per row against a KV cache whose first kv_lens[b] slots are valid.
 
@@ -275,31 +324,38 @@ def decode_attention(
       scale: score scale.
       kv_starts: [B] int32 first valid slot (sliding window), or None (slot 0): the valid
         slots are [kv_starts, kv_lens).
+      k_scale, v_scale: [B, S, KVH] per-slot scales of a scaled (fp8) cache: the key is
+        k_cache * k_scale. Applied to the scores and to the probabilities, so the cache is
+        never dequantised as a whole.
     Returns:
       (o [B, H, D] float32, lse [B, H] float32 log-sum-exp of the scaled scores). A row with
       no valid slot gives o = 0 and lse = -inf.
+
+    Written as broadcast-multiply-reduce over the cache in its own layout: XLA fuses each
+    product into its reduction, so the cache is read once (a low-precision cache converted
+    inside the loop). The batched-matmul form (``einsum("bhgd,bshd->bhgs")``) needs the KV
+    heads major, and XLA:CPU copied every layer's cache into that layout on every step.
     """
     b, s_len, kvh, d = k_cache.shape
-    qg = _group_queries(q, kvh)  # [B, KVH, G, D]
+    qg = _group_queries(q, kvh).astype(jnp.float32)  # [B, KVH, G, D]
     valid = jnp.arange(s_len)[None, :] < kv_lens[:, None]  # [B, S]
     if kv_starts is not None:
         valid = valid & (jnp.arange(s_len)[None, :] >= kv_starts[:, None])
     with jax.named_scope("decode_scores"):
-        s = jnp.einsum(
-            "bhgd,bshd->bhgs",
-            qg.astype(jnp.float32),
-            k_cache.astype(jnp.float32),
-            precision=_PRECISION,
-        )
-        s = jnp.where(valid[:, None, None, :], s * scale, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
+        s = jnp.sum(qg[:, None] * widen(k_cache)[:, :, :, None, :], axis=-1)  # [B, S, KVH, G]
+        if k_scale is not None:
+            s = s * k_scale.astype(jnp.float32)[..., None]
+        s = jnp.where(valid[:, :, None, None], s * scale, -jnp.inf)
+    m = jnp.max(s, axis=1)  # [B, KVH, G]
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m_safe)  # exactly 0 at invalid slots
-    denom = jnp.sum(p, axis=-1)
-    o = jnp.einsum("bhgs,bshd->bhgd", p, v_cache.astype(jnp.float32), precision=_PRECISION)
+    p = jnp.exp(s - m_safe[:, None])  # exactly 0 at invalid slots
+    denom = jnp.sum(p, axis=1)
+    if v_scale is not None:
+        p = p * v_scale.astype(jnp.float32)[..., None]
+    o = jnp.sum(p[..., None] * widen(v_cache)[:, :, :, None, :], axis=1)  # [B, KVH, G, D]
     has_any = denom > 0
     o = o / jnp.where(has_any, denom, 1.0)[..., None]
-    lse = jnp.where(has_any, m_safe[..., 0] + jnp.log(jnp.where(has_any, denom, 1.0)), -jnp.inf)
+    lse = jnp.where(has_any, m_safe + jnp.log(jnp.where(has_any, denom, 1.0)), -jnp.inf)
     return o.reshape(q.shape).astype(jnp.float32), lse.reshape(q.shape[:2])
 
 

@@ -108,17 +108,20 @@ def _largest_block(length: int, preferred: int) -> int:
 
 
 def _flash_kernel(
-    qpos_ref, kvlen_ref, rank_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
-    scale, block_k, dcp_size, causal, window,
+    qpos_ref, kvlen_ref, rank_ref, q_ref, k_ref, v_ref, *refs,
+    scale, block_k, dcp_size, causal, window, scaled,
 ):  # fmt: skip
     """One (batch, query head, query block) program.
 
     qpos_ref: [block_q] positions of the queries; kvlen_ref, rank_ref: scalars (tokens held,
     this DCP rank); q_ref: [block_q, D]; k_ref, v_ref: [S, D] (slot s holds position
-    s * dcp_size + rank). Writes o [block_q, D] and, for extend, lse [block_q].
+    s * dcp_size + rank); with `scaled` (an fp8 cache) then ks_ref, vs_ref: [S] per-slot
+    scales. Writes o [block_q, D] and, for extend, lse [block_q].
     `window` (None or W): a query at i sees positions > i - W only; the key blocks wholly
     before the block's earliest window are not visited.
     """
+    ks_ref, vs_ref = refs[:2] if scaled else (None, None)
+    o_ref, *lse_ref = refs[2:] if scaled else refs
     q = q_ref[...]
     q_pos = qpos_ref[...]
     kv_len = kvlen_ref[...]
@@ -137,9 +140,11 @@ def _flash_kernel(
     def body(j, carry):
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
+        k = k_ref[pl.ds(start, block_k), :].astype(q.dtype)  # fp8 / bf16 cache -> q's dtype
+        v = v_ref[pl.ds(start, block_k), :].astype(q.dtype)
         s = mm(q, k, trans_b=True) * scale  # [block_q, block_k] f32
+        if scaled:
+            s = s * ks_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]
         pos = (start + jnp.arange(block_k)) * dcp_size + rank
         mask = (pos < kv_len)[None, :]
         if causal:
@@ -151,6 +156,8 @@ def _flash_kernel(
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
+        if scaled:  # the value scales weight the probabilities, not the sum l
+            p = p * vs_ref[pl.ds(start, block_k)].astype(jnp.float32)[None, :]
         acc = alpha[:, None] * acc + mm(p.astype(v.dtype), v)
         return acc, m_new, l
 
@@ -171,9 +178,10 @@ def _flash_kernel(
 
 
 def _flash_call(q, k, v, q_positions, kv_lens, ranks, *, scale, causal, dcp_size, tiles,
-                out_dtype, with_lse, interpret, name, window=None):  # fmt: skip
+                out_dtype, with_lse, interpret, name, window=None, k_scale=None,
+                v_scale=None):  # fmt: skip
     """q [B, Tq, H, D] (Tq a multiple of block_q); k, v [B, S, KVH, D] (S a multiple of
-    block_k); q_positions [B, Tq]; kv_lens, ranks [B]."""
+    block_k); q_positions [B, Tq]; kv_lens, ranks [B]; k_scale, v_scale [B, S, KVH] or None."""
     b, tq, h, d = q.shape
     kvh = k.shape[2]
     group = h // kvh
@@ -186,8 +194,11 @@ def _flash_call(q, k, v, q_positions, kv_lens, ranks, *, scale, causal, dcp_size
     if with_lse:
         out_specs.append(pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)))
         out_shape.append(jax.ShapeDtypeStruct((b, h, tq), jnp.float32))
+    scaled = k_scale is not None
     kernel = functools.partial(_flash_kernel, scale=scale, block_k=bk, dcp_size=dcp_size,
-                               causal=causal, window=window)  # fmt: skip
+                               causal=causal, window=window, scaled=scaled)  # fmt: skip
+    scales = [k_scale, v_scale] if scaled else []
+    scale_spec = pl.BlockSpec((None, s_len, None), lambda bi, hi, qi: (bi, 0, hi // group))
     return pl.pallas_call(
         kernel,
         grid=(b, h, tq // bq),
@@ -198,13 +209,14 @@ def _flash_call(q, k, v, q_positions, kv_lens, ranks, *, scale, causal, dcp_size
             pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
             kv,
             kv,
-        ],
+        ] + [scale_spec] * len(scales),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=triton_params(tiles["num_warps"], tiles["num_stages"]),
         interpret=interpret,
         name=name,
-    )(q_positions.astype(jnp.int32), kv_lens.astype(jnp.int32), ranks.astype(jnp.int32), q, k, v)
+    )(q_positions.astype(jnp.int32), kv_lens.astype(jnp.int32), ranks.astype(jnp.int32), q, k, v,
+      *scales)
 
 
 def _tiles(defaults: dict, **given) -> dict:
@@ -268,6 +280,8 @@ def extend_attention_pallas(
     dcp_rank=0,
     dcp_size: int = 1,
     window: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -277,8 +291,8 @@ def extend_attention_pallas(
     """Chunked-prefill attention over a cache. Same contract as ``attention.extend_attention``.
 
     q: [B, T, H, D]; caches [B, S, KVH, D] (S a multiple of a block >= 16, D a power of two:
-    the cache is not copied); q_positions [B, T]; kv_lens [B]. Returns (o [B, T, H, D]
-    float32, lse [B, T, H] float32).
+    the cache is not copied; an fp8 cache with its [B, S, KVH] scales, read per block);
+    q_positions [B, T]; kv_lens [B]. Returns (o [B, T, H, D] float32, lse [B, T, H] float32).
     """
     b, t, h, d = q.shape
     s_len, kvh = k_cache.shape[1], k_cache.shape[2]
@@ -302,7 +316,8 @@ def extend_attention_pallas(
     o, lse = _flash_call(
         q, k_cache, v_cache, q_positions, kv_lens, ranks, scale=scale, causal=True,
         dcp_size=dcp_size, tiles=tiles, out_dtype=jnp.float32, with_lse=True,
-        interpret=interpret, name="jaxpar_extend_attention", window=window,
+        interpret=interpret, name="jaxpar_extend_attention", window=window, k_scale=k_scale,
+        v_scale=v_scale,
     )  # fmt: skip
     return o[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
 
@@ -310,16 +325,20 @@ def extend_attention_pallas(
 # ------------------------------------------------------------------------------- decode
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block_k,
-                   num_splits, group):  # fmt: skip
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, scale, block_k, num_splits, group,
+                   scaled):  # fmt: skip
     """One (batch, kv head, split) program.
 
     q_ref: [Gp, D] (the query heads of this kv head, zero-padded to Gp rows); k_ref, v_ref:
-    [S, D]. The row's kv_len valid slots are cut into num_splits spans of whole blocks;
+    [S, D]; with `scaled` (an fp8 cache) then ks_ref, vs_ref: [S] per-slot scales (the
+    scores are multiplied by the key scales, the probabilities by the value scales, per
+    block). The row's kv_len valid slots are cut into num_splits spans of whole blocks;
     this program walks only its span's valid blocks and writes its normalised output
     [Gp, D] and lse [Gp] (o = 0, lse = -inf when its span is empty). Padding query rows
     are not written.
     """
+    ks_ref, vs_ref = refs[:2] if scaled else (None, None)
+    o_ref, lse_ref = refs[2:] if scaled else refs
     split = pl.program_id(2)
     kv_len = len_ref[...]
     q = q_ref[...]
@@ -331,15 +350,19 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block
     def body(j, carry):
         acc, m, l = carry
         base = pl.multiple_of(start + j * block_k, block_k)
-        k = k_ref[pl.ds(base, block_k), :]
-        v = v_ref[pl.ds(base, block_k), :]
+        k = k_ref[pl.ds(base, block_k), :].astype(q.dtype)  # fp8 / bf16 cache -> q's dtype
+        v = v_ref[pl.ds(base, block_k), :].astype(q.dtype)
         s = mm(q, k, trans_b=True) * scale  # [Gp, block_k]
+        if scaled:
+            s = s * ks_ref[pl.ds(base, block_k)].astype(jnp.float32)[None, :]
         pos = base + jnp.arange(block_k)
         s = jnp.where((pos < kv_len)[None, :], s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
+        if scaled:
+            p = p * vs_ref[pl.ds(base, block_k)].astype(jnp.float32)[None, :]
         acc = alpha[:, None] * acc + mm(p.astype(v.dtype), v)
         return acc, m_new, l
 
@@ -364,6 +387,8 @@ def decode_attention_pallas(
     *,
     scale: float,
     kv_starts: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
@@ -372,8 +397,9 @@ def decode_attention_pallas(
 ) -> tuple[jax.Array, jax.Array]:
     """Split-KV decode attention. Same contract as ``attention.decode_attention``.
 
-    q: [B, H, D]; k_cache, v_cache: [B, S, KVH, D]; kv_lens: [B] int32 valid slots (a
-    prefix). Returns (o [B, H, D] float32, lse [B, H] float32). num_splits defaults to
+    q: [B, H, D]; k_cache, v_cache: [B, S, KVH, D] (fp8 with k_scale, v_scale [B, S, KVH]
+    per-slot scales, read per block); kv_lens: [B] int32 valid slots (a prefix). Returns
+    (o [B, H, D] float32, lse [B, H] float32). num_splits defaults to
     :func:`decode_num_splits`; S must be a multiple of block_k (the default block shrinks
     to a power of two that divides S; the cache is never copied or padded).
     """
@@ -386,7 +412,7 @@ def decode_attention_pallas(
     if h % kvh:
         raise UnsupportedShapeError(f"query heads H={h} must be a multiple of KV heads {kvh}")
     require_power_of_two("head_dim", d)
-    tiles = decode_tiles(d, k_cache.dtype)
+    tiles = decode_tiles(d, q.dtype)
     bk = block_k or _largest_block(s_len, tiles["block_k"])
     if not bk or s_len % bk:
         raise UnsupportedShapeError(
@@ -403,8 +429,10 @@ def decode_attention_pallas(
     if gp != group:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
     kv = pl.BlockSpec((None, s_len, None, d), lambda bi, hi, si: (bi, 0, hi, 0))
+    scaled = k_scale is not None
+    scales = [k_scale, v_scale] if scaled else []
     kernel = functools.partial(_decode_kernel, scale=scale, block_k=bk, num_splits=splits,
-                               group=group)  # fmt: skip
+                               group=group, scaled=scaled)  # fmt: skip
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kvh, splits),
@@ -413,7 +441,7 @@ def decode_attention_pallas(
             pl.BlockSpec((None, None, gp, d), lambda bi, hi, si: (bi, hi, 0, 0)),
             kv,
             kv,
-        ],
+        ] + [pl.BlockSpec((None, s_len, None), lambda bi, hi, si: (bi, 0, hi))] * len(scales),
         out_specs=[
             pl.BlockSpec((None, None, None, gp, d), lambda bi, hi, si: (si, bi, hi, 0, 0)),
             pl.BlockSpec((None, None, None, gp), lambda bi, hi, si: (si, bi, hi, 0)),
@@ -426,7 +454,7 @@ def decode_attention_pallas(
                                       num_stages or tiles["num_stages"]),  # fmt: skip
         interpret=interpret,
         name="jaxpar_decode_attention",
-    )(kv_lens.astype(jnp.int32), qg, k_cache, v_cache)
+    )(kv_lens.astype(jnp.int32), qg, k_cache, v_cache, *scales)
     o, lse = o[:, :, :, :group], lse[:, :, :, :group]  # padding rows were never written
     if splits > 1:
         o, lse = merge_attention_partials(o, lse)

@@ -29,6 +29,7 @@ and inside ``shard_map``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 from typing import Callable, Literal
 
@@ -257,17 +258,33 @@ def _compile_check(op: str, name: str, fn: Callable, args: tuple, kwargs: dict) 
 # ----------------------------------------------------------------------------- running
 
 
+def _check_keywords(op: str, name: str, fn: Callable, kwargs: dict) -> None:
+    """A kernel that does not take a keyword the call needs (the scales of an fp8 KV cache,
+    for a kernel written before them) rejects the call like an unsupported shape."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = sorted(k for k, v in kwargs.items() if v is not None and k not in params)
+    if missing:
+        raise UnsupportedShapeError(
+            f"the {name} kernel of {op} does not take {', '.join(missing)} (a scaled fp8 KV "
+            f"cache needs them)")
+
+
 def _run(op: str, impl: KernelImpl, interpret: bool, args: tuple, kwargs: dict,
          options: dict):  # fmt: skip
     """Runs the first implementation that takes these shapes; under auto, loudly."""
     impl = check_impl(impl, op)
     candidates = _candidates(op, impl, interpret)
     forced = impl != "auto"
+    # Keywords left at None are not passed: kernels need not know optional inputs.
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in _OPTIONAL_INPUTS}
     for i, (name, fn) in enumerate(candidates):
         if name == "reference":
             return fn(*args, **kwargs)
         call_kwargs = {**kwargs, **options, "interpret": interpret}
         try:
+            _check_keywords(op, name, fn, kwargs)
             if _needs_compile_check(interpret):
                 _compile_check(op, name, fn, args, call_kwargs)
             return fn(*args, **call_kwargs)
@@ -281,6 +298,10 @@ def _run(op: str, impl: KernelImpl, interpret: bool, args: tuple, kwargs: dict,
                 stacklevel=3,
             )
     raise AssertionError("unreachable: the reference is always a candidate")
+
+
+# Array keywords an operation takes only for some callers (an fp8 cache's scales).
+_OPTIONAL_INPUTS = ("k_scale", "v_scale")
 
 
 def gated_delta_rule_chunked(
@@ -362,17 +383,20 @@ def attention_extend(
     dcp_rank=0,
     dcp_size: int = 1,
     window: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     impl: KernelImpl = "auto",
     interpret: bool = False,
     **options,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked-prefill attention over a cache in the DCP layout (slot s holds position
     s * dcp_size + dcp_rank). q [B, T, H, D]; caches [B, S, KVH, D]; q_positions [B, T];
-    kv_lens [B] tokens cached including this chunk; window: sliding window or None.
+    kv_lens [B] tokens cached including this chunk; window: sliding window or None;
+    k_scale, v_scale [B, S, KVH] for an fp8 cache (key = k_cache * k_scale).
     Returns (o [B, T, H, D] f32, lse [B, T, H] f32)."""
     return _run("attention_extend", impl, interpret, (q, k_cache, v_cache, q_positions, kv_lens),
-                dict(scale=scale, dcp_rank=dcp_rank, dcp_size=dcp_size, window=window),
-                options)  # fmt: skip
+                dict(scale=scale, dcp_rank=dcp_rank, dcp_size=dcp_size, window=window,
+                     k_scale=k_scale, v_scale=v_scale), options)  # fmt: skip
 
 
 def attention_decode(
@@ -383,13 +407,17 @@ def attention_decode(
     *,
     scale: float,
     kv_starts: jax.Array | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     impl: KernelImpl = "auto",
     interpret: bool = False,
     **options,
 ) -> tuple[jax.Array, jax.Array]:
     """Decode attention with log-sum-exp. q [B, H, D]; caches [B, S, KVH, D]; kv_lens [B]
     valid slots (a prefix; under DCP ``attention.dcp_local_lengths``); kv_starts [B] the
-    first valid slot under a sliding window (None: 0).
+    first valid slot under a sliding window (None: 0); k_scale, v_scale [B, S, KVH] for an
+    fp8 cache (key = k_cache * k_scale).
     Returns (o [B, H, D] float32, lse [B, H] float32)."""
     return _run("attention_decode", impl, interpret, (q, k_cache, v_cache, kv_lens),
-                dict(scale=scale, kv_starts=kv_starts), options)  # fmt: skip
+                dict(scale=scale, kv_starts=kv_starts, k_scale=k_scale, v_scale=v_scale),
+                options)  # fmt: skip

@@ -9,6 +9,8 @@ holds its own copy of the embedding for the head).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,7 +19,7 @@ from jaxpar.config import (ATTENTION, LINEAR_ATTENTION, MAMBA, MLP as MLP_KIND, 
                            ModelConfig)
 from jaxpar.loading.layouts import HFLayout
 from jaxpar.models.attention import Attention
-from jaxpar.models.cache import Cache, KVCache
+from jaxpar.models.cache import SCALE_DTYPE, Cache, CacheDtypes, KVCache
 from jaxpar.models.gdn import GatedDeltaNet, gdn_cache_shapes
 from jaxpar.models.mamba2 import Mamba2Mixer, mamba_cache_shapes
 from jaxpar.models.mlp import MLP
@@ -235,26 +237,38 @@ class CausalLM(nnx.Module):
         return self.logits(self.norm(x)), new_cache
 
 
+def _cache_dtypes(dtype, state_dtype) -> CacheDtypes:
+    if isinstance(dtype, CacheDtypes):
+        return dtype if state_dtype is None else dataclasses.replace(dtype, state=jnp.dtype(state_dtype))
+    return CacheDtypes.resolve(dtype, None, state_dtype)
+
+
 def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
-                 dtype, state_dtype=jnp.float32) -> Cache:
+                 dtype, state_dtype=None) -> Cache:
     """The cache's abstract layout: ShapeDtypeStructs carrying their shardings. Attention
     layers get a KV cache of `max_len` slots; GDN and Mamba2 layers their conv and
-    recurrent states (recurrent state in `state_dtype`, float32 by default); layers
-    without a mixer (Nemotron-H's MLP layers) nothing. A pipeline stage's cache holds its
-    own layers only, in order."""
+    recurrent states; layers without a mixer (Nemotron-H's MLP layers) nothing. A pipeline
+    stage's cache holds its own layers only, in order. `dtype`: a `CacheDtypes`, or one
+    dtype for KV and conv states (recurrent state in `state_dtype`, float32 by default).
+    An fp8 KV cache adds its per-slot scales, sharded like the cache without the head dim."""
+    dtypes = _cache_dtypes(dtype, state_dtype)
     layers = []
     for i in sharding.owned_layers:
         kind = cfg.layer_types[i]
         rules = sharding.layers[i].mixer
         if kind == ATTENTION:
-            kv = jax.ShapeDtypeStruct((batch, max_len, cfg.num_kv_heads, cfg.head_dim), dtype,
-                                      sharding=rules.sharding(KVCache.LOGICAL_AXES))
-            layers.append(KVCache(k=kv, v=kv))
+            shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+            kv = jax.ShapeDtypeStruct(shape, dtypes.kv, sharding=rules.sharding(KVCache.LOGICAL_AXES))
+            scale = None
+            if dtypes.kv_scaled:
+                scale = jax.ShapeDtypeStruct(shape[:3], SCALE_DTYPE,
+                                             sharding=rules.sharding(KVCache.SCALE_AXES))
+            layers.append(KVCache(k=kv, v=kv, k_scale=scale, v_scale=scale))
         elif kind == NO_BLOCK:
             layers.append(None)
         else:
             shapes = mamba_cache_shapes if kind == MAMBA else gdn_cache_shapes
-            spec = shapes(cfg, batch, dtype, state_dtype)
+            spec = shapes(cfg, batch, dtypes.conv, dtypes.state)
             layers.append(jax.tree.map(
                 lambda s: jax.ShapeDtypeStruct(s[0], s[1], sharding=rules.sharding(s[2])), spec,
                 is_leaf=lambda n: isinstance(n, tuple)))
@@ -264,7 +278,7 @@ def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len:
 
 
 def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
-               dtype, state_dtype=jnp.float32) -> Cache:
-    """An empty cache, allocated directly in its sharded layout."""
+               dtype, state_dtype=None) -> Cache:
+    """An empty cache, allocated directly in its sharded layout (`dtype` as in `cache_shapes`)."""
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
                         cache_shapes(cfg, sharding, batch, max_len, dtype, state_dtype))

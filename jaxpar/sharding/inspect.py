@@ -25,8 +25,9 @@ import numpy as np
 from flax import nnx
 
 from jaxpar.assembly import abstract_model, make_sharding, open_config, resolve_dtype
-from jaxpar.config import ModelConfig
+from jaxpar.config import ATTENTION, LINEAR_ATTENTION, MAMBA, ModelConfig
 from jaxpar.generate import model_programs
+from jaxpar.models.cache import CacheDtypes, KVCache
 from jaxpar.models.decoder import cache_shapes
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.pipeline import DEFAULT_PREFILL_CHUNK, bubble_fraction, stage_programs
@@ -92,6 +93,10 @@ class PlanReport:
     # prefill of `seq` tokens in chunks (chunk, chunks, micro_batches, bubble_fraction).
     stages: list[StageReport] = dataclasses.field(default_factory=list)
     schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What the cache stores ({"kv": ..., "state": ...}) and its bytes per device by part:
+    # "kv" (keys / values), "kv_scales" (fp8 only), "state" (GDN conv and recurrent states).
+    cache_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
+    cache_bytes_by_part: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,11 +132,22 @@ class PlanReport:
             path = p.path if p.stage is None else f"[{p.stage}] {p.path}"
             lines.append(f"{path:52s} {str(p.shape):>18s} {p.spec:34s} {p.bytes_per_device:>13,d}")
         lines += ["", f"parameters per device: {self.param_bytes_per_device:,d} bytes",
-                  f"KV cache per device:   {self.cache_bytes_per_device:,d} bytes"]
+                  f"cache per device:      {self.cache_bytes_per_device:,d} bytes ({self._cache_detail()})"]
         for name, stats in (("prefill", self.prefill_collectives), ("decode", self.decode_collectives)):
             summary = ", ".join(f"{k} x{v.count} ({v.bytes:,d} B)" for k, v in sorted(stats.items())) or "none"
             lines.append(f"collectives per {name} step: {summary}")
         return "\n".join(lines)
+
+
+    def _cache_detail(self) -> str:
+        """e.g. "KV float8_e4m3fn 327,680 + scales 81,920; GDN states 65,536 (recurrent float32)"."""
+        parts, n = [], self.cache_bytes_by_part
+        if "kv" in self.cache_dtypes:
+            scales = f" + scales {n['kv_scales']:,d}" if n.get("kv_scales") else ""
+            parts.append(f"KV {self.cache_dtypes['kv']} {n.get('kv', 0):,d}{scales}")
+        if "state" in self.cache_dtypes:
+            parts.append(f"GDN states {n.get('state', 0):,d} (recurrent {self.cache_dtypes['state']})")
+        return "; ".join(parts)
 
 
 def _bytes_per_device(aval: jax.ShapeDtypeStruct) -> int:
@@ -140,14 +156,15 @@ def _bytes_per_device(aval: jax.ShapeDtypeStruct) -> int:
 
 
 def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: int, seq: int,
-                     options: RuntimeOptions = RuntimeOptions()):
-    """Compiles generation's prefill (`seq` tokens) and decode programs on abstract inputs;
-    returns their collectives."""
+                     options: RuntimeOptions = RuntimeOptions(), cache_dtypes: CacheDtypes | None = None):
+    """Compiles generation's prefill (`seq` tokens) and decode programs on abstract inputs
+    (the cache in `cache_dtypes`, default all in `dtype`); returns their collectives."""
     graphdef, state = abstract_model(cfg, sharding, dtype, options)
     leaves, treedef = jax.tree.flatten(state)
     prefill, decode = model_programs(graphdef, treedef)
     # Room for the prefill plus one decoded token, kept a multiple of the DCP / SP degree.
-    cache = cache_shapes(cfg, sharding, batch, seq + sharding.seq_multiple, dtype)
+    cache = cache_shapes(cfg, sharding, batch, seq + sharding.seq_multiple,
+                         dtype if cache_dtypes is None else cache_dtypes)
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
     def arr(shape, dt):
@@ -159,6 +176,18 @@ def step_collectives(cfg: ModelConfig, sharding: ModelSharding, dtype, batch: in
                                                 cache), n)
     _, dec = compiled_collectives(decode.lower(leaves, arr((batch,), jnp.int32), cache), n)
     return summarize(pre), summarize(dec)
+
+
+def _cache_bytes_by_part(cache) -> dict[str, int]:
+    parts = {"kv": 0, "kv_scales": 0, "state": 0}
+    for layer in cache.layers:
+        if isinstance(layer, KVCache):
+            parts["kv"] += sum(_bytes_per_device(a) for a in (layer.k, layer.v))
+            if layer.scaled:
+                parts["kv_scales"] += sum(_bytes_per_device(a) for a in (layer.k_scale, layer.v_scale))
+        elif layer is not None:
+            parts["state"] += sum(_bytes_per_device(a) for a in jax.tree.leaves(layer))
+    return parts
 
 
 def _param_reports(state, stage: int | None = None) -> list[ParamReport]:
@@ -208,7 +237,8 @@ def _add(into: dict[str, CollectiveStats], more: dict[str, CollectiveStats]) -> 
 
 def pipeline_report(cfg: ModelConfig, sharding: PipelineSharding, *, batch: int = 1, seq: int = 128,
                     dtype=jnp.bfloat16, collectives: bool = True,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> PlanReport:
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                    cache_dtypes: CacheDtypes | None = None) -> PlanReport:
     """`plan_report` for a pipeline: blocks and parameters tagged with their stage, one
     `StageReport` per stage, totals per step over all stages (parameters and cache per
     device: the largest stage's)."""
@@ -227,7 +257,7 @@ def pipeline_report(cfg: ModelConfig, sharding: PipelineSharding, *, batch: int 
         _, state = abstract_model(cfg, stage, dtype)
         stage_params = _param_reports(state, s)
         params += stage_params
-        cache = cache_shapes(cfg, stage, mb, seq, dtype)
+        cache = cache_shapes(cfg, stage, mb, seq, dtype if cache_dtypes is None else cache_dtypes)
         pre, dec = stage_collectives(cfg, stage, dtype, mb, seq) if collectives else ({}, {})
         # Every micro-batch runs each step: the counts of one step are micro_batches times.
         for stats in (pre, dec):
@@ -262,28 +292,43 @@ def pipeline_report(cfg: ModelConfig, sharding: PipelineSharding, *, batch: int 
 
 
 def plan_report(cfg: ModelConfig, sharding: ModelSharding | PipelineSharding, *, batch: int = 1,
-                seq: int = 128, dtype=jnp.bfloat16, collectives: bool = True) -> PlanReport:
+                seq: int = 128, dtype=jnp.bfloat16, collectives: bool = True,
+                cache_dtypes: CacheDtypes | None = None) -> PlanReport:
+    """The plan of `sharding` for `cfg`; the cache in `cache_dtypes` (default: KV in
+    `dtype`, recurrent states in float32)."""
+    cache_dtypes = cache_dtypes if cache_dtypes is not None else CacheDtypes.resolve(dtype)
     if isinstance(sharding, PipelineSharding):
-        return pipeline_report(cfg, sharding, batch=batch, seq=seq, dtype=dtype, collectives=collectives)
+        return pipeline_report(cfg, sharding, batch=batch, seq=seq, dtype=dtype, collectives=collectives,
+                               cache_dtypes=cache_dtypes)
     seq = -(-seq // sharding.seq_multiple) * sharding.seq_multiple
     batch = -(-batch // sharding.batch_multiple) * sharding.batch_multiple
     _, state = abstract_model(cfg, sharding, dtype)
     params = _param_reports(state)
-    cache = cache_shapes(cfg, sharding, batch, seq, dtype)
+    cache = cache_shapes(cfg, sharding, batch, seq, cache_dtypes)
     cache_bytes = sum(_bytes_per_device(a) for a in jax.tree.leaves(cache))
+    has_attention = ATTENTION in cfg.layer_types
+    has_state = any(k in (LINEAR_ATTENTION, MAMBA) for k in cfg.layer_types)
+    used = {"kv": str(jnp.dtype(cache_dtypes.kv))} if has_attention else {}
+    if has_state:
+        used["state"] = str(jnp.dtype(cache_dtypes.state))
     blocks = [BlockReport(p.block, p.kind, p.layer, p.rule, p.describe()) for p in sharding.plans]
-    pre, dec = step_collectives(cfg, sharding, dtype, batch, seq) if collectives else ({}, {})
+    pre, dec = step_collectives(cfg, sharding, dtype, batch, seq, cache_dtypes=cache_dtypes) if collectives else ({}, {})
     return PlanReport(policy=sharding.table_name, mesh=dict(sharding.mesh.shape), batch=batch, seq=seq,
                       blocks=blocks, params=params,
                       param_bytes_per_device=sum(p.bytes_per_device for p in params),
                       cache_bytes_per_device=cache_bytes, prefill_collectives=pre,
-                      decode_collectives=dec, rule_warnings=list(sharding.rule_warnings))
+                      decode_collectives=dec, rule_warnings=list(sharding.rule_warnings),
+                      cache_dtypes=used, cache_bytes_by_part=_cache_bytes_by_part(cache))
 
 
 def plan(model: str | Path, policy=None, *, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",
-         devices: Sequence[jax.Device] | None = None, collectives: bool = True) -> PlanReport:
-    """`jaxpar plan` as a function: reads only the model's config, never its weights."""
+         devices: Sequence[jax.Device] | None = None, collectives: bool = True,
+         kv_cache_dtype: str | None = "auto", state_dtype: str | None = "auto") -> PlanReport:
+    """`jaxpar plan` as a function: reads only the model's config, never its weights.
+    `kv_cache_dtype`, `state_dtype` as in `jaxpar.load`."""
     cfg = open_config(model)
+    jdtype = resolve_dtype(dtype, cfg)
+    cache_dtypes = CacheDtypes.resolve(jdtype, kv_cache_dtype, state_dtype)
     sharding = make_sharding(cfg, policy, devices=devices)
-    return plan_report(cfg, sharding, batch=batch, seq=seq, dtype=resolve_dtype(dtype, cfg),
-                       collectives=collectives)
+    return plan_report(cfg, sharding, batch=batch, seq=seq, dtype=jdtype, collectives=collectives,
+                       cache_dtypes=cache_dtypes)

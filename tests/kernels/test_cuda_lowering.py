@@ -35,11 +35,13 @@ def _load_script():
 
 CASES = {case.label: case for case in _load_script().cases()}
 # Compiled here (the rest by the script): each kernel at a production tile, bf16, about
-# 20 s in all. float32 compiles take minutes (IEEE dots unroll on CUDA cores).
+# 25 s in all. float32 compiles take minutes (IEEE dots unroll on CUDA cores).
 COMPILED = [
     "attention_prefill D256 bfloat16",
     "attention_decode D256 G8 bfloat16",
     "attention_extend D128 DCP2 bfloat16",
+    "attention_decode D128 G4 fp8",  # fp8 KV cache with per-slot scales
+    "attention_extend D128 DCP2 fp8",
     "gdn_chunked Dk=Dv=128 bfloat16",
     "gdn_decode D128 bfloat16",
 ]
