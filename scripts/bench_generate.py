@@ -87,7 +87,7 @@ class JaxparRunner:
 
     def programs(self) -> int:
         g = self.model._generator
-        return sum(f._cache_size() for f in (g.prefill, g.decode))
+        return g.compiled_count()
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> dict:
         r = self.model.generate(prompts, new_tokens, ignore_eos=True)
