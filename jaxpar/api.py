@@ -112,12 +112,15 @@ class LoadedModel:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stop: str | Sequence[str] | None = None, chat: bool = False,
                  ignore_eos: bool = False,
-                 stream: Callable[[int, str], None] | None = None) -> GenerationResult:
+                 stream: Callable[[int, str], None] | None = None,
+                 output_logits: bool = False) -> GenerationResult:
         """Generates for one prompt or a batch of prompts of any lengths.
 
         A prompt is a string, a list of chat messages, or a list of token ids. `stream`
         is called as `stream(row, new_text)` as text appears. Greedy when temperature=0.
         `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests).
+        `output_logits` also returns each generated token's float32 logits
+        (`GenerationResult.logits`); without it the compiled steps return tokens only.
         """
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if _is_single(prompts):
@@ -128,7 +131,8 @@ class LoadedModel:
         if self.tokenizer is not None:
             detok = lambda toks: self.tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
         return self._generator.generate(ids, max_new_tokens, sampling, stop_ids=set() if ignore_eos else self.stop_ids,
-                                        detokenize=detok, stop_strings=stops, stream=stream)
+                                        detokenize=detok, stop_strings=stops, stream=stream,
+                                        output_logits=output_logits)
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward without a cache: float32 logits [B, T, V] (rows of equal length)."""

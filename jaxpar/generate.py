@@ -42,6 +42,9 @@ class GenerationResult:
     decode_steps: int
     # Compiling the programs this call needed (ahead of time, outside prefill and decode).
     compile_ms: float = 0.0
+    # With output_logits: per row, float32 [len(token_ids), V], the logits each token
+    # was chosen from.
+    logits: list[np.ndarray] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -55,21 +58,23 @@ class GenerationResult:
                 "decode_steps": self.decode_steps, "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
-def _key(seed_step: jax.Array) -> jax.Array:
-    """[seed, step] -> the PRNG key of that step (built inside the program, so only plain
-    integers cross from the host)."""
-    return jax.random.fold_in(jax.random.key(seed_step[0]), seed_step[1])
+def _key(rng: jax.Array) -> jax.Array:
+    """rng = [seed, step] -> the PRNG key of that step (built inside the program, so no
+    key crosses from the host)."""
+    return jax.random.fold_in(jax.random.key(rng[0]), rng[1])
 
 
-def _sample(logits, seed_step, temperature, top_k, top_p, mode):
-    # mode None: greedy / filtered decided at run time; (greedy, filtered): fixed statically.
-    greedy, filtered = mode if mode is not None else (None, None)
-    return sample(logits, _key(seed_step), temperature, top_k, top_p, greedy=greedy,
-                  filtered=filtered)
+GREEDY = (True, False)  # SamplingParams.mode() of temperature 0
+
+
+def _sample(logits, rng, temperature, top_k, top_p, mode):
+    greedy, filtered = mode
+    return sample(logits, _key(rng), temperature, top_k, top_p, greedy=greedy, filtered=filtered)
 
 
 def sampling_program() -> Callable:
-    """The jitted temperature / top-k / top-p sampler over logits (`mode` static)."""
+    """A jitted temperature / top-k / top-p sampler over logits (`mode` static), for
+    callers whose model programs return logits (pipelines: `jaxpar.pipeline`)."""
     return jax.jit(_sample, static_argnames="mode")
 
 
@@ -86,29 +91,50 @@ def _decode_logits(graphdef, state, tokens, cache: Cache):
                  mode="decode", last_only=True)
 
 
-def _with_argmax(step, treedef, name: str):
+def _with_selection(step, n_model_args: int, treedef, name: str, mode: tuple[bool, bool],
+                    with_logits: bool):
     """A program over the state's leaves (a flat list crosses the jit boundary far faster
-    than an nnx.State), returning the greedy tokens, the logits and the cache."""
+    than an nnx.State) that runs the model and picks the next tokens in the same program:
+    argmax when greedy, else a draw keyed on device by [seed, step] (the returned rng is
+    [seed, step + 1], fed to the next step, so nothing but the program's own outputs
+    crosses between steps). The logits leave the program only when `with_logits`."""
+    greedy, filtered = mode
+
     def run(leaves, *args):
-        logits, cache = step(jax.tree.unflatten(treedef, leaves), *args)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
+        model_args, extra = args[:n_model_args], args[n_model_args:]
+        logits, cache = step(jax.tree.unflatten(treedef, leaves), *model_args)
+        if greedy:
+            out = (jnp.argmax(logits, axis=-1).astype(jnp.int32), cache)
+        else:
+            rng, temperature, top_k, top_p = extra
+            tokens = sample(logits, _key(rng), temperature, top_k, top_p, greedy=False,
+                            filtered=filtered)
+            out = (tokens, cache, rng.at[1].add(1))
+        return out + (logits,) if with_logits else out
     run.__name__ = run.__qualname__ = name  # names the compiled module (jit_prefill, jit_decode)
     return run
 
 
-def model_programs(graphdef, treedef) -> tuple[Callable, Callable]:
+def model_programs(graphdef, treedef, mode: tuple[bool, bool] = GREEDY, with_logits: bool = False
+                   ) -> tuple[Callable, Callable]:
     """The two jitted programs generation runs, for a model split into `graphdef` and a
-    state whose flattened structure is `treedef`:
+    state whose flattened structure is `treedef`, choosing tokens as `mode` says
+    (`SamplingParams.mode()`: (greedy, filtered)):
 
-    - prefill(leaves, tokens [B, T], lengths [B], cache) -> (greedy [B], logits [B, V], cache)
-    - decode(leaves, tokens [B], cache) -> (greedy [B], logits [B, V], cache)
+    - greedy: prefill(leaves, tokens [B, T], lengths [B], cache) -> (next [B], cache);
+      decode(leaves, tokens [B], cache) -> (next [B], cache)
+    - sampled: both take (rng [2] = [seed, step], temperature, top_k, top_p) after the
+      cache and return (next [B], cache, rng of the next step)
 
-    The cache is donated. `jaxpar plan` compiles these same programs on abstract inputs.
+    and, with `with_logits`, the float32 logits [B, V] the tokens were chosen from as a
+    last output. Sampling runs inside the program: one dispatch per step. The cache is
+    donated. `jaxpar plan` compiles the greedy programs on abstract inputs.
     """
-    prefill = jax.jit(_with_argmax(functools.partial(_prefill_logits, graphdef), treedef, "prefill"),
-                      donate_argnums=3)
-    decode = jax.jit(_with_argmax(functools.partial(_decode_logits, graphdef), treedef, "decode"),
-                     donate_argnums=2)
+    suffix = "" if mode == GREEDY else "_sampled"
+    prefill = jax.jit(_with_selection(functools.partial(_prefill_logits, graphdef), 3, treedef,
+                                      "prefill" + suffix, mode, with_logits), donate_argnums=3)
+    decode = jax.jit(_with_selection(functools.partial(_decode_logits, graphdef), 2, treedef,
+                                     "decode" + suffix, mode, with_logits), donate_argnums=2)
     return prefill, decode
 
 
@@ -117,48 +143,63 @@ def _compiled_outputs(lowered):
     compiled = lowered.compile()
     return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
                         lowered.out_info, compiled.output_shardings)
+
+
 class MeshSession:
     """The device side of one generate call on one mesh: its cache, the sampling inputs
-    and the compiled steps. `prefill` and `decode` return the chosen tokens as a device
-    array without waiting for them; `to_host` reads them. (A pipeline has its own session
-    with the same three methods: `jaxpar.pipeline`.)"""
+    and the compiled steps. `prefill` and `decode` return a handle to the chosen tokens
+    (and, with `output_logits`, their logits) without waiting; `to_host` /
+    `logits_to_host` read them. (A pipeline has its own session with the same methods:
+    `jaxpar.pipeline`.) The rng [seed, step] lives on the device: each step's program
+    returns the next step's, so `step` is not sent."""
 
-    def __init__(self, gen: "Generator", rows: int, cache_len: int, sampling: SamplingParams):
-        self.gen = gen
-        self.sampling = sampling
-        self.mesh = gen.sharding.mesh
-        self.params = [replicated(a, self.mesh) for a in sampling.arrays()]
+    def __init__(self, gen: "Generator", rows: int, cache_len: int, sampling: SamplingParams,
+                 output_logits: bool = False):
+        mesh = gen.sharding.mesh
+        mode = gen._mode(sampling)
+        self.greedy = mode == GREEDY
+        self.output_logits = output_logits
         self.weights = gen._flat_state()
+        self._prefill, self._decode = gen.programs(mode, output_logits)
         self.cache = init_cache(gen.cfg, gen.sharding, rows, cache_len, gen.cache_dtype)
+        self.params = [] if self.greedy else [replicated(a, mesh) for a in sampling.arrays()]
+        self.rng = None if self.greedy else replicated(np.array([sampling.seed, 0], np.int32), mesh)
+        self.mesh = mesh
 
-    def _choose(self, greedy_tokens, logits, step: int):
-        if self.sampling.greedy:
-            return greedy_tokens
-        seed_step = replicated(np.array([self.sampling.seed, step], np.int32), self.mesh)
-        return self.gen.sample(logits, seed_step, *self.params, mode=self.sampling.mode())
+    def _sampling_inputs(self) -> list:
+        return [] if self.greedy else [self.rng, *self.params]
 
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray) -> jax.Array:
-        greedy_tokens, logits, self.cache = self.gen.prefill(
-            self.weights, replicated(tokens, self.mesh), replicated(lengths, self.mesh), self.cache)
-        return self._choose(greedy_tokens, logits, 0)
+    def _unpack(self, outputs) -> tuple[jax.Array, jax.Array | None]:
+        tokens, self.cache, *rest = outputs
+        if not self.greedy:
+            self.rng = rest.pop(0)
+        return tokens, (rest[0] if self.output_logits else None)
 
-    def decode(self, tokens: jax.Array, step: int) -> jax.Array:
-        greedy_tokens, logits, self.cache = self.gen.decode(self.weights, tokens, self.cache)
-        return self._choose(greedy_tokens, logits, step)
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
+        return self._unpack(self._prefill(self.weights, replicated(tokens, self.mesh),
+                                          replicated(lengths, self.mesh), self.cache,
+                                          *self._sampling_inputs()))
 
-    def to_host(self, tokens: jax.Array) -> np.ndarray:
-        return to_host(tokens)
+    def decode(self, previous, step: int):
+        return self._unpack(self._decode(self.weights, previous[0], self.cache, *self._sampling_inputs()))
+
+    def to_host(self, handle) -> np.ndarray:
+        return to_host(handle[0])
+
+    def logits_to_host(self, handle) -> np.ndarray:
+        return to_host(handle[1])
 
 
 class Generator:
     """Compiled prefill and decode programs for one model.
 
-    The model programs return the greedy tokens *and* the logits, so one compiled program
-    per (batch, length bucket) serves every sampling setting; temperature / top-k / top-p
-    sampling is a separate small program (compiled per batch size and mode, independent
-    of lengths). Dispatch is kept cheap, since it is paid on every decode step: the graph
-    definition is closed over (hashing it as a static argument costs milliseconds) and
-    the weights are passed as a flat list of arrays.
+    One pair of programs per token-selection mode (greedy, sampled, sampled with top-k /
+    top-p; see `model_programs`) and per whether logits are returned; temperature, top-k,
+    top-p and the seed are traced, so one compiled program serves every setting of a
+    mode. Dispatch is kept cheap, since it is paid on every decode step: the graph
+    definition is closed over (hashing it as a static argument costs milliseconds), the
+    weights are passed as a flat list of arrays, and each step is one program whose
+    inputs are the previous step's outputs.
     """
 
     def __init__(self, model: CausalLM, cache_dtype):
@@ -166,54 +207,75 @@ class Generator:
         self.cfg = model.cfg
         self.sharding = model.sharding
         self.cache_dtype = cache_dtype
-        self.sample = jax.jit(_sample, static_argnames="mode")
         self._flat_of = None
         self._treedef = None
+        self._programs: dict = {}  # (mode, with_logits) -> (prefill, decode)
         self._compiled: set = set()  # program signatures compiled ahead of time
 
     def _flat_state(self) -> list[jax.Array]:
-        """The state's leaves; the programs are (re)built if the state was replaced by
-        one of another structure."""
+        """The state's leaves; the programs are rebuilt if the state was replaced by one
+        of another structure."""
         if self._flat_of is not self.state:
             leaves, treedef = jax.tree.flatten(self.state)
             if self._treedef is None or treedef != self._treedef:
-                self.prefill, self.decode = model_programs(self.graphdef, treedef)
+                self._programs, self._compiled = {}, set()
                 self._treedef = treedef
-                self._compiled = set()
             self._flat_of, self._leaves = self.state, leaves
         return self._leaves
 
-    def compile(self, rows: int, t_bucket: int, cache_len: int, sampling: SamplingParams | None = None
-                ) -> float:
-        """Compiles, ahead of time, every program a generate call of this shape runs:
-        prefill, decode (for the shardings its inputs arrive with: from prefill, then from
-        decode itself) and, when sampling, the sampler. Returns the milliseconds spent (0
-        when done before), so prefill and decode timings exclude compilation. The calls
-        that follow reuse these executables (JAX caches them by signature)."""
-        mode = None if sampling is None or sampling.greedy else sampling.mode()
-        key = (rows, t_bucket, cache_len, mode)
+    def programs(self, mode: tuple[bool, bool] = GREEDY, with_logits: bool = False
+                 ) -> tuple[Callable, Callable]:
+        """(prefill, decode) for a selection mode; see `model_programs`."""
+        self._flat_state()
+        key = (mode, with_logits)
+        if key not in self._programs:
+            self._programs[key] = model_programs(self.graphdef, self._treedef, mode, with_logits)
+        return self._programs[key]
+
+    def compiled_count(self) -> int:
+        """Executables compiled so far over all programs (a benchmark checks that timing
+        compiles nothing)."""
+        return sum(f._cache_size() for pair in self._programs.values() for f in pair)
+
+    @staticmethod
+    def _mode(sampling: SamplingParams | None) -> tuple[bool, bool]:
+        return GREEDY if sampling is None or sampling.greedy else sampling.mode()
+
+    def compile(self, rows: int, t_bucket: int, cache_len: int, sampling: SamplingParams | None = None,
+                with_logits: bool = False) -> float:
+        """Compiles, ahead of time, the programs a generate call of this shape runs:
+        prefill, then decode for the shardings its inputs arrive with (from prefill, then
+        from decode itself). Returns the milliseconds spent (0 when done before), so
+        prefill and decode timings exclude compilation. The calls that follow reuse these
+        executables (JAX caches them by signature)."""
+        mode = self._mode(sampling)
+        key = (rows, t_bucket, cache_len, mode, with_logits)
         if key in self._compiled:
             return 0.0
         t0 = time.perf_counter()
         weights = self._flat_state()
+        prefill, decode = self.programs(mode, with_logits)
         rep = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
         tokens = jax.ShapeDtypeStruct((rows, t_bucket), jnp.int32, sharding=rep)
         lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rep)
         cache = cache_shapes(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
-        pending = [_compiled_outputs(self.prefill.lower(weights, tokens, lengths, cache))]
+        extra = []
+        if mode != GREEDY:
+            extra = [jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)]
+            extra += [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in sampling.arrays()]
+        n_state = 2 if mode == GREEDY else 3  # (tokens, cache[, rng]) carried to the next step
+        pending = [_compiled_outputs(prefill.lower(weights, tokens, lengths, cache, *extra))]
         seen = []
         while pending:
-            next_tokens, logits, cache = pending.pop()
-            if mode is not None:
-                params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in sampling.arrays()]
-                seed_step = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)
-                self.sample.lower(logits, seed_step, *params, mode=mode).compile()
-            signature = [a.sharding for a in jax.tree.leaves((next_tokens, cache))]
+            carried = pending.pop()[:n_state]
+            signature = [a.sharding for a in jax.tree.leaves(carried)]
             if signature not in seen:
                 seen.append(signature)
-                pending.append(_compiled_outputs(self.decode.lower(weights, next_tokens, cache)))
+                next_tokens, cache, *rng = carried
+                pending.append(_compiled_outputs(decode.lower(weights, next_tokens, cache, *rng, *extra[1:])))
         self._compiled.add(key)
         return (time.perf_counter() - t0) * 1e3
+
     def padded_rows(self, batch: int) -> int:
         """Rows the device batch has for `batch` prompts: batch-split attention needs a
         multiple of its split (padding rows repeat the first prompt; dropped)."""
@@ -224,14 +286,19 @@ class Generator:
         """Sequence-split layouts (SP, DCP) need prefill lengths that are multiples of this."""
         return self.sharding.seq_multiple
 
-    def session(self, rows: int, cache_len: int, sampling: SamplingParams) -> MeshSession:
-        return MeshSession(self, rows, cache_len, sampling)
+    def session(self, rows: int, cache_len: int, sampling: SamplingParams,
+                output_logits: bool = False) -> MeshSession:
+        return MeshSession(self, rows, cache_len, sampling, output_logits)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams, *, stop_ids: set[int],
                  detokenize: Callable[[list[int]], str] | None = None,
                  stop_strings: Sequence[str] = (),
-                 stream: Callable[[int, str], None] | None = None) -> GenerationResult:
+                 stream: Callable[[int, str], None] | None = None,
+                 output_logits: bool = False) -> GenerationResult:
+        """`output_logits`: also return, per row, the float32 logits each generated token
+        was chosen from (as HF generate's `output_logits`); otherwise the programs return
+        only tokens."""
         if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
                 or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -267,8 +334,8 @@ class Generator:
             tokens[i, : len(p)] = p
         lengths = np.array([len(p) for p in padded], np.int32)
 
-        compile_ms = self.compile(rows, t_bucket, cache_len, sampling)
-        session = self.session(rows, cache_len, sampling)
+        compile_ms = self.compile(rows, t_bucket, cache_len, sampling, output_logits)
+        session = self.session(rows, cache_len, sampling, output_logits)
 
         t0 = time.perf_counter()
         next_tok = session.prefill(tokens, lengths)
@@ -280,15 +347,19 @@ class Generator:
         seqs = [SequenceOutput(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop_strings=stop_strings,
                                detokenize=detokenize, track_text=stream is not None)
                 for _ in range(batch)]
+        row_logits: list[list[np.ndarray]] = [[] for _ in range(batch)]
         steps = 0
 
-        def accept(row: int, tok: int) -> None:
+        def accept(row: int, tok: int, step_logits: np.ndarray | None) -> None:
             delta = seqs[row].add(tok)
+            if step_logits is not None:
+                row_logits[row].append(step_logits[row])
             if stream and delta:
                 stream(row, delta)
 
+        first_logits = session.logits_to_host(next_tok) if output_logits else None
         for row in range(batch):
-            accept(row, int(first[row]))
+            accept(row, int(first[row]), first_logits)
         # Step s+1 is dispatched before step s's tokens are read back, so the host's work
         # (reading, stop checks, detokenising, the next dispatch) overlaps the device's.
         # Only an EOS or a stop string can make that step unneeded; it is then dropped.
@@ -301,12 +372,14 @@ class Generator:
             if max(len(q.token_ids) for q in seqs if not q.done) + 1 < max_new_tokens:
                 ahead = session.decode(current, steps + 1)
             host = session.to_host(current)
+            host_logits = session.logits_to_host(current) if output_logits else None
             for row in range(batch):
                 if not seqs[row].done:
-                    accept(row, int(host[row]))
+                    accept(row, int(host[row]), host_logits)
         t2 = time.perf_counter()
 
         return GenerationResult(texts=[q.final_text() for q in seqs], token_ids=[q.token_ids for q in seqs],
                                 prompt_token_ids=[list(p) for p in prompts],
                                 finish_reasons=[q.finish_reason for q in seqs], prefill_ms=(t1 - t0) * 1e3,
-                                decode_ms=(t2 - t1) * 1e3, decode_steps=steps, compile_ms=compile_ms)
+                                decode_ms=(t2 - t1) * 1e3, decode_steps=steps, compile_ms=compile_ms,
+                                logits=[np.stack(r) for r in row_logits] if output_logits else None)

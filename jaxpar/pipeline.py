@@ -336,8 +336,8 @@ class PipelineGenerator(Generator):
         self.sample = sampling_program()
         self.stages = [Stage(module, sharding) for module, sharding in zip(model.stages, model.sharding.stages)]
 
-    def compile(self, rows: int, t_bucket: int, cache_len: int, sampling: SamplingParams | None = None
-                ) -> float:
+    def compile(self, rows: int, t_bucket: int, cache_len: int, sampling: SamplingParams | None = None,
+                with_logits: bool = False) -> float:
         """Stage programs compile on their first call (each stage on its own devices, chunk
         and micro-batch shapes known only then): the first generate call's prefill_ms
         includes that compilation, and this returns 0."""
@@ -361,7 +361,11 @@ class PipelineGenerator(Generator):
         what sequence-split layouts need."""
         return _round_up(min(self.prefill_chunk, t), self.seq_multiple)
 
-    def session(self, rows: int, cache_len: int, sampling: SamplingParams) -> PipelineSession:
+    def session(self, rows: int, cache_len: int, sampling: SamplingParams,
+                output_logits: bool = False) -> PipelineSession:
+        if output_logits:
+            raise ValueError("output_logits is not supported over a pipeline (pp > 1): the "
+                             "logits stay on the last stage; use model.logits() for them")
         return PipelineSession(self, rows, cache_len, sampling)
 
     def forward(self, tokens: np.ndarray) -> np.ndarray:

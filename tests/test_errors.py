@@ -14,6 +14,7 @@ import pytest
 import jaxpar
 from jaxpar.config import ConfigError, supported_model_types
 from jaxpar.loading.sources import CheckpointError
+from jaxpar.models.decoder import init_cache
 from jaxpar.sampling import SamplingParams, sample
 
 PROMPT = "Once upon a time"
@@ -218,3 +219,46 @@ def test_sample_function_respects_top_k_and_top_p(static):
     assert draws(SamplingParams(temperature=1.0)) == {0, 1, 2, 3, 4}
     assert draws(SamplingParams(temperature=0.0, top_k=3)) == {0}
     assert draws(SamplingParams()) == {0}
+
+
+# --------------------------------------------------------------------------- decode programs
+
+
+def test_output_logits_are_the_logits_each_token_was_chosen_from(stories):
+    prompt_ids = stories.encode(PROMPT)
+    plain = stories.generate([prompt_ids, prompt_ids[:5]], 12, ignore_eos=True)
+    out = stories.generate([prompt_ids, prompt_ids[:5]], 12, ignore_eos=True, output_logits=True)
+    assert plain.logits is None
+    assert out.token_ids == plain.token_ids  # the logits path picks the same greedy tokens
+    for prompt, generated, logits in zip([prompt_ids, prompt_ids[:5]], out.token_ids, out.logits):
+        assert logits.shape == (12, stories.cfg.vocab_size) and logits.dtype == np.float32
+        assert np.argmax(logits, axis=-1).tolist() == generated
+    ref = _step_logits(stories, prompt_ids, out.token_ids[0])  # teacher-forced full forward
+    np.testing.assert_allclose(out.logits[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    kw = dict(temperature=1.0, top_k=8, seed=4, ignore_eos=True)
+    sampled = stories.generate(prompt_ids, 12, output_logits=True, **kw)
+    assert sampled.token_ids == stories.generate(prompt_ids, 12, **kw).token_ids
+    assert sampled.logits[0].shape == (12, stories.cfg.vocab_size)
+
+
+def test_decode_step_is_one_program_returning_tokens_only(stories):
+    """Sampling runs inside the decode program (its key derived on device from [seed,
+    step], which the program advances), and the logits stay on the device unless asked."""
+    g = stories._generator
+    vocab = stories.cfg.vocab_size
+    for mode in [(True, False), (False, False)]:
+        for with_logits in (False, True):
+            _, decode = g.programs(mode, with_logits)
+            cache = init_cache(stories.cfg, stories.sharding, 2, 32, g.cache_dtype)
+            extra = [] if mode[0] else [jnp.array([1, 5], jnp.int32), *SamplingParams(temperature=1.0).arrays()]
+            out = decode.lower(g._flat_state(), jnp.zeros((2,), jnp.int32), cache, *extra).out_info
+            vocab_sized = [a for a in jax.tree.leaves(out) if vocab in a.shape]
+            assert len(vocab_sized) == int(with_logits), (mode, with_logits)
+            if not mode[0]:
+                tokens, _, rng = out[:3]
+                assert tokens.shape == (2,) and rng.shape == (2,)
+    _, decode = g.programs((False, False))
+    cache = init_cache(stories.cfg, stories.sharding, 1, 32, g.cache_dtype)
+    tokens, cache, rng = decode(g._flat_state(), jnp.zeros((1,), jnp.int32), cache,
+                                jnp.array([1, 5], jnp.int32), *SamplingParams(temperature=1.0).arrays())
+    assert np.asarray(rng).tolist() == [1, 6]

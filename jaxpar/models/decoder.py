@@ -21,6 +21,7 @@ from jaxpar.loading.layouts import HFLayout
 from jaxpar.models.attention import Attention
 from jaxpar.models.cache import SCALE_DTYPE, Cache, CacheDtypes, KVCache
 from jaxpar.models.gdn import GatedDeltaNet, gdn_cache_shapes
+from jaxpar.models.linear import matmul
 from jaxpar.models.mamba2 import Mamba2Mixer, mamba_cache_shapes
 from jaxpar.models.mlp import MLP
 from jaxpar.models.norms import RMSNorm
@@ -197,11 +198,10 @@ class CausalLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h: [..., E] -> float32 logits [..., V]."""
-        if self.lm_head is None:
-            w = self.embed_tokens.weight[...].T
+        if self.lm_head is None:  # tied: the embedding [V, E], contracted on E in place
+            logits = matmul(h, self.embed_tokens.weight[...], out_dtype=jnp.float32, w_transposed=True)
         else:
-            w = self.lm_head.weight[...]
-        logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+            logits = matmul(h, self.lm_head.weight[...], out_dtype=jnp.float32)
         return self.sharding.head.constrain(logits, ("residual_batch",) + (None,) * (h.ndim - 2) + ("vocab",))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -12,6 +13,41 @@ from jaxpar.loading.layouts import HFLayout
 from jaxpar.models.fp8_weights import dequantize
 from jaxpar.models.params import AS_IS, LINEAR, param
 from jaxpar.sharding.axis_rules import AxisRules
+
+
+def matmul(x: jax.Array, w: jax.Array, n_contract: int = 1, *, out_dtype=None,
+           w_transposed: bool = False) -> jax.Array:
+    """x [..., *K] @ w [*K, *N] -> [..., *N] in `out_dtype` (default x's dtype),
+    accumulated in float32. `w_transposed`: w is stored [N, K] (a tied embedding read as
+    the LM head; one contracted dim), contracted on its last dim without a transpose.
+
+    A weight of another dtype is cast to x's first (a float32 activation times a bfloat16
+    weight computes in float32). Half-precision products are accumulated and returned in
+    float32 before the final cast (as HF / PyTorch linear layers do). And when the left
+    side is a single row (batch-1 decode), a half-precision product is padded to two
+    rows: XLA:CPU lowers a bfloat16 matrix-vector product by converting the entire weight
+    to float32 first (a weight-sized copy on every call, ~8x slower than float32 on the
+    2-core test machine), while two rows go to its bfloat16 GEMM (YNNPACK), which reads
+    the weight in place. On a GPU the extra row costs nothing (reading the weight bounds
+    the product). For the same reason a transposed weight is contracted in place: a
+    `.T` before the product made XLA:CPU convert the tied 49152 x 576 embedding to
+    float32 on every step.
+    """
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    w = w.astype(x.dtype)
+    if x.dtype == jnp.float32:
+        return jnp.tensordot(x, w.T if w_transposed else w, axes=n_contract).astype(out_dtype)
+    w_dims = tuple(range(w.ndim - n_contract, w.ndim)) if w_transposed else tuple(range(n_contract))
+    lead = x.shape[: x.ndim - n_contract]
+    single = math.prod(lead) == 1
+    if single:  # [1, K] -> [2, K] (see above)
+        x = x.reshape(1, *x.shape[x.ndim - n_contract:])
+        x = jnp.concatenate([x, jnp.zeros_like(x)])
+    x_dims = tuple(range(x.ndim - n_contract, x.ndim))
+    y = jax.lax.dot_general(x, w, ((x_dims, w_dims), ((), ())), preferred_element_type=jnp.float32)
+    if single:
+        y = y[:1].reshape(*lead, *y.shape[1:])
+    return y.astype(out_dtype)
 
 
 class Linear(nnx.Module):
@@ -39,7 +75,7 @@ class Linear(nnx.Module):
         return self.weight[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x, self.kernel(x.dtype), axes=self.n_in)
+        y = matmul(x, self.kernel(x.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -66,7 +102,7 @@ def row_parallel_scatter(linear: Linear, x: jax.Array, rules: AxisRules,
     n_in = linear.n_in
 
     def local(x, w):
-        y = jnp.tensordot(x, w, axes=n_in)
+        y = matmul(x, w, n_in)
         return jax.lax.psum_scatter(y, sp_axes, scatter_dimension=1, tiled=True)
 
     y = jax.shard_map(local, mesh=rules.mesh, in_specs=(rules.spec(x_axes), rules.spec(w_axes)),
