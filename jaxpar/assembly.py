@@ -32,6 +32,7 @@ from jaxpar.loading.orbax_reader import OrbaxReader, is_orbax_checkpoint
 from jaxpar.loading.sources import CountingSource, SafetensorsSource, TensorSource
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.fp8 import keep_fp8, keep_fp8_like
+from jaxpar.models.linear import use_float32_products
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
 from jaxpar.sharding.resolve import build_pipeline, build_sharding
@@ -243,6 +244,8 @@ def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
             model = keep_fp8(model, cfg, fp8_from.quantization, fp8_from.tensors(), sharding)
         if fp8_like is not None:
             model = keep_fp8_like(model, fp8_like, sharding)
+        if sharding.mesh.size == 1 and sharding.mesh.devices.flat[0].platform == "cpu":
+            use_float32_products(model)
         return model
 
     abstract = nnx.eval_shape(build)

@@ -16,14 +16,19 @@ from jaxpar.sharding.axis_rules import AxisRules
 
 
 def matmul(x: jax.Array, w: jax.Array, n_contract: int = 1, *, out_dtype=None,
-           w_transposed: bool = False) -> jax.Array:
+           w_transposed: bool = False, float32_products: bool = False) -> jax.Array:
     """x [..., *K] @ w [*K, *N] -> [..., *N] in `out_dtype` (default x's dtype),
     accumulated in float32. `w_transposed`: w is stored [N, K] (a tied embedding read as
     the LM head; one contracted dim), contracted on its last dim without a transpose.
 
     A weight of another dtype is cast to x's first (a float32 activation times a bfloat16
-    weight computes in float32). Half-precision products are accumulated and returned in
-    float32 before the final cast (as HF / PyTorch linear layers do). And when the left
+    weight computes in float32). Half-precision products accumulate in float32 (as HF /
+    PyTorch linear layers do) and leave the dot in half precision, unless `out_dtype` is
+    float32 or `float32_products` asks for a float32 dot output cast afterwards: under
+    tensor parallelism a row-parallel dot's partial sums are all-reduced in the dtype that
+    leaves the dot, so float32 there would double every TP all-reduce on a GPU; on one
+    XLA:CPU device (no collectives) the float32 output is what sends bfloat16 products to
+    its bfloat16 GEMM instead of a float32 copy of the weight (`use_float32_products`). And when the left
     side is a single row (batch-1 decode), a half-precision product is padded to two
     rows: XLA:CPU lowers a bfloat16 matrix-vector product by converting the entire weight
     to float32 first (a weight-sized copy on every call, ~8x slower than float32 on the
@@ -44,7 +49,9 @@ def matmul(x: jax.Array, w: jax.Array, n_contract: int = 1, *, out_dtype=None,
         x = x.reshape(1, *x.shape[x.ndim - n_contract:])
         x = jnp.concatenate([x, jnp.zeros_like(x)])
     x_dims = tuple(range(x.ndim - n_contract, x.ndim))
-    y = jax.lax.dot_general(x, w, ((x_dims, w_dims), ((), ())), preferred_element_type=jnp.float32)
+    wide = float32_products or jnp.dtype(out_dtype) == jnp.float32
+    y = jax.lax.dot_general(x, w, ((x_dims, w_dims), ((), ())),
+                            preferred_element_type=jnp.float32 if wide else x.dtype)
     if single:
         y = y[:1].reshape(*lead, *y.shape[1:])
     return y.astype(out_dtype)
@@ -60,6 +67,8 @@ class Linear(nnx.Module):
     # Set by `jaxpar.models.fp8.keep_fp8` when the checkpoint's weight is fp8 block-scaled.
     weight_scale_inv = None
     weight_fp8_view = None
+    # Set by `use_float32_products` (a model on one CPU device): see `matmul`.
+    float32_products = False
 
     def __init__(self, in_features: Sequence[int], out_features: Sequence[int],
                  in_axes: Sequence[str | None], out_axes: Sequence[str | None], dtype,
@@ -75,10 +84,19 @@ class Linear(nnx.Module):
         return self.weight[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x, self.kernel(x.dtype), self.n_in)
+        y = matmul(x, self.kernel(x.dtype), self.n_in, float32_products=self.float32_products)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
+
+
+def use_float32_products(model: nnx.Module) -> None:
+    """Marks every Linear of `model` to take its half-precision products out of the dot in
+    float32 (see `matmul`): for a model on a single XLA:CPU device, where no collective
+    moves them and XLA:CPU's bfloat16 GEMM needs it."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            node.float32_products = True
 
 
 def row_parallel_scatter(linear: Linear, x: jax.Array, rules: AxisRules,
