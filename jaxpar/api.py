@@ -197,6 +197,10 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     cache_dtypes = CacheDtypes.resolve(jdtype, kv_cache_dtype, state_dtype)  # bad names fail before loading
     if sharding is None:
         sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
+    if isinstance(sharding, PipelineSharding) and cfg.mtp_num_layers:
+        ckpt.drop_mtp("pipeline parallelism runs the main model only (speculative='mtp' is unavailable)")
+        cfg = ckpt.cfg
+        sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
     options = RuntimeOptions(kernel_impl=kernel_impl)
     if progress is None:
         progress = sys.stderr.isatty()
