@@ -37,12 +37,13 @@ import numpy as np
 from flax import nnx
 
 from jaxpar.config import LINEAR_ATTENTION
-from jaxpar.generate import GenerationResult, bucket
+from jaxpar.generate import GenerationResult, bucket, compiled_outputs
 from jaxpar.models.cache import Cache
-from jaxpar.models.decoder import init_cache
-from jaxpar.models.mtp import CausalLMWithMTP, init_mtp_cache
+from jaxpar.models.decoder import cache_shapes, init_cache
+from jaxpar.models.mtp import CausalLMWithMTP, init_mtp_cache, mtp_cache_shapes
 from jaxpar.sampling import SamplingParams
 from jaxpar.sharding.host import replicated, to_host
+from jaxpar.stopping import SequenceOutput
 
 SPECULATIVE_METHODS = ("mtp",)
 
@@ -176,6 +177,7 @@ class MTPSpeculator:
                                donate_argnums=(3, 4))
         self.step = jax.jit(lambda leaves, *a: _step(self.graphdef, self.k, recurrent, leaves, treedef, *a),
                             donate_argnums=(3, 4))
+        self._compiled: set = set()  # (rows, prompt bucket, cache length) compiled ahead of time
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams, *,
                  stop_ids: set[int], detokenize: Callable[[list[int]], str] | None = None,
@@ -213,58 +215,68 @@ class MTPSpeculator:
             tokens[i, : len(p)] = p
         lengths = np.array([len(p) for p in padded], np.int32)
         mesh = sharding.mesh
+        tokens, lengths = replicated(tokens, mesh), replicated(lengths, mesh)
+        compile_ms = self.compile(tokens, lengths, rows, cache_len)
         cache = init_cache(cfg, sharding, rows, cache_len, self.cache_dtype)
         mtp_cache = init_mtp_cache(cfg, sharding, rows, cache_len, self.cache_dtype)
 
         t0 = time.perf_counter()
-        pending, drafts, cache, mtp_cache = self.prefill(self.leaves, replicated(tokens, mesh),
-                                                         replicated(lengths, mesh), cache, mtp_cache)
+        pending, drafts, cache, mtp_cache = self.prefill(self.leaves, tokens, lengths, cache, mtp_cache)
         first = to_host(pending)
         t1 = time.perf_counter()
 
-        out: list[list[int]] = [[] for _ in range(batch)]
-        texts = [""] * batch
-        done = [False] * batch
-        reasons = ["length"] * batch
+        # The stopping convention of plain generation (jaxpar.stopping): a stop id ends the
+        # row and stays in its token ids; tokens verified past the end are dropped.
+        seqs = [SequenceOutput(max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop_strings=stop_strings,
+                               detokenize=detokenize, track_text=stream is not None)
+                for _ in range(batch)]
 
         def accept(row: int, tok: int) -> None:
-            out[row].append(tok)
-            if tok in stop_ids:
-                out[row].pop()
-                done[row], reasons[row] = True, "stop"
-            elif detokenize is not None and (stop_strings or stream):
-                text = detokenize(out[row])
-                for s in stop_strings:
-                    cut = text.find(s)
-                    if cut >= 0:
-                        text = text[:cut]
-                        done[row], reasons[row] = True, "stop"
-                if stream and len(text) > len(texts[row]) and text.startswith(texts[row]):
-                    stream(row, text[len(texts[row]):])
-                texts[row] = text
-            if not done[row] and len(out[row]) >= max_new_tokens:
-                done[row] = True
+            delta = seqs[row].add(tok)
+            if stream and delta:
+                stream(row, delta)
 
         for row in range(batch):
             accept(row, int(first[row]))
         steps = proposed = accepted = 0
-        while not all(done):
+        while not all(q.done for q in seqs):
             greedy, m, pending, drafts, cache, mtp_cache = self.step(self.leaves, pending, drafts, cache, mtp_cache)
             steps += 1
             greedy, m = to_host(greedy), to_host(m)
             for row in range(batch):
-                if done[row]:
+                if seqs[row].done:
                     continue
                 proposed += k
                 accepted += int(m[row])
                 for tok in greedy[row, : int(m[row]) + 1]:
                     accept(row, int(tok))
-                    if done[row]:
+                    if seqs[row].done:
                         break
         t2 = time.perf_counter()
-        if detokenize is not None and not (stop_strings or stream):
-            texts = [detokenize(o) for o in out]
-        return SpeculativeResult(texts=texts, token_ids=out, prompt_token_ids=[list(p) for p in prompts],
-                                 finish_reasons=reasons, prefill_ms=(t1 - t0) * 1e3,
-                                 decode_ms=(t2 - t1) * 1e3, decode_steps=steps,
+        return SpeculativeResult(texts=[q.final_text() for q in seqs], token_ids=[q.token_ids for q in seqs],
+                                 prompt_token_ids=[list(p) for p in prompts],
+                                 finish_reasons=[q.finish_reason for q in seqs], prefill_ms=(t1 - t0) * 1e3,
+                                 decode_ms=(t2 - t1) * 1e3, decode_steps=steps, compile_ms=compile_ms,
                                  draft_tokens=proposed, accepted_tokens=accepted)
+
+    def compile(self, tokens: jax.Array, lengths: jax.Array, rows: int, cache_len: int) -> float:
+        """Compiles the prefill and step programs for these shapes ahead of time (the step for
+        the shardings prefill's outputs arrive with, then its own); returns the milliseconds
+        spent (0 when done before), so prefill and decode timings exclude compilation."""
+        key = (rows, tokens.shape[1], cache_len)
+        if key in self._compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        cache = cache_shapes(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
+        mtp = mtp_cache_shapes(self.cfg, self.sharding, rows, cache_len, self.cache_dtype)
+        pending, drafts, cache, mtp = compiled_outputs(self.prefill.lower(self.leaves, tokens, lengths, cache, mtp))
+        seen = []
+        while True:
+            signature = [a.sharding for a in jax.tree.leaves((pending, drafts, cache, mtp))]
+            if signature in seen:
+                break
+            seen.append(signature)
+            out = compiled_outputs(self.step.lower(self.leaves, pending, drafts, cache, mtp))
+            pending, drafts, cache, mtp = out[2:]
+        self._compiled.add(key)
+        return (time.perf_counter() - t0) * 1e3

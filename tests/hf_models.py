@@ -178,6 +178,8 @@ def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     kind = hf["model_type"]
     if kind == "nemotron_h":
         return _nemotron_h_tensor_shapes(hf)
+    if kind in DEEPSEEK_FAMILIES:
+        return _deepseek_tensor_shapes(hf)
     if kind not in ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
                     "mistral", "phi3", "glm4"):
         raise ValueError(f"no torch-free HF tensor layout for model_type {kind!r}: add it to "
@@ -278,6 +280,51 @@ def _nemotron_h_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
         else:
             raise ValueError(f"no torch-free layout for Nemotron-H block kind {kind!r}")
     out[b + "norm_f.weight"] = (hidden,)
+def _deepseek_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """DeepSeek-V3 / V3.2 as HF writes them: MLA's LoRA pairs (`q_a_proj`, `q_a_layernorm`,
+    `q_b_proj`, or one `q_proj` without q_lora_rank; `kv_a_proj_with_mqa` = latent + rope key,
+    `kv_a_layernorm`, `kv_b_proj` = per head no-rope key + value), V3.2's `indexer`, dense MLPs
+    for `mlp_layer_types` "dense" (else the first `first_k_dense_replace` layers), and MoE
+    layers with `gate.weight`, the `gate.e_score_correction_bias` buffer, experts per expert
+    and ungated `shared_experts` of n_shared_experts * moe_intermediate_size."""
+    hidden, layers, heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
+    nope, rope, vd, lora = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"], hf["kv_lora_rank"]
+    q_lora, bias = hf.get("q_lora_rank") or 0, bool(hf.get("attention_bias"))
+    kinds = hf.get("mlp_layer_types") or ["dense" if i < (hf.get("first_k_dense_replace") or 0) else "sparse"
+                                          for i in range(layers)]
+    experts, moe_ffn = hf["n_routed_experts"], hf["moe_intermediate_size"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (hf["vocab_size"], hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = out[p + "post_attention_layernorm.weight"] = (hidden,)
+        a = p + "self_attn."
+        if q_lora:
+            _linear(out, a + "q_a_proj", q_lora, hidden, bias)
+            out[a + "q_a_layernorm.weight"] = (q_lora,)
+            _linear(out, a + "q_b_proj", heads * (nope + rope), q_lora)
+        else:
+            _linear(out, a + "q_proj", heads * (nope + rope), hidden)
+        _linear(out, a + "kv_a_proj_with_mqa", lora + rope, hidden, bias)
+        out[a + "kv_a_layernorm.weight"] = (lora,)
+        _linear(out, a + "kv_b_proj", heads * (nope + vd), lora)
+        _linear(out, a + "o_proj", hidden, heads * vd, bias)
+        if hf["model_type"] == "deepseek_v32":
+            x, d = a + "indexer.", hf["index_head_dim"]
+            _linear(out, x + "wq_b", hf["index_n_heads"] * d, q_lora)
+            _linear(out, x + "wk", d, hidden)
+            out[x + "k_norm.weight"] = out[x + "k_norm.bias"] = (d,)
+            _linear(out, x + "weights_proj", hf["index_n_heads"], hidden)
+        m = p + "mlp."
+        if kinds[i] == "sparse":
+            _linear(out, m + "gate", experts, hidden)
+            out[m + "gate.e_score_correction_bias"] = (experts,)
+            for e in range(experts):
+                _mlp(out, f"{m}experts.{e}.", hidden, moe_ffn)
+            if hf.get("n_shared_experts"):
+                _mlp(out, m + "shared_experts.", hidden, moe_ffn * hf["n_shared_experts"])
+        else:
+            _mlp(out, m, hidden, hf["intermediate_size"])
+    out["model.norm.weight"] = (hidden,)
     if not hf.get("tie_word_embeddings"):
         out["lm_head.weight"] = (hf["vocab_size"], hidden)
     return out
@@ -307,6 +354,9 @@ def write_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     rng = np.random.default_rng(seed)
     tensors = {name: np.clip(rng.normal(0.0, 0.2 if len(shape) > 1 else 1.0, shape), -1, 1).astype(np.float32)
                for name, shape in hf_tensor_shapes(cfg.to_dict()).items()}
+    for name in tensors:  # DeepSeek's router bias, drawn as save_tiny draws it
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = np.clip(rng.normal(0.0, 0.1, tensors[name].shape), -1, 1).astype(np.float32)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
