@@ -32,7 +32,12 @@ NEW = 10
 def ds_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepseek")
     v3 = hf_models.add_mtp_layer(hf_models.save_tiny("deepseek_v3", root / "deepseek_v3"), "deepseek_v3")
-    return {"deepseek_v3": v3, "deepseek_v32": hf_models.save_tiny("deepseek_v32", root / "deepseek_v32")}
+    # Qwen3.5 with an MTP head (mtp.*): Gated DeltaNet layers cannot roll back rejected drafts.
+    qwen = hf_models.add_mtp_layer(hf_models.save_tiny("qwen3_5", root / "qwen3_5", num_hidden_layers=2,
+                                                       layer_types=["linear_attention", "full_attention"]),
+                                   "qwen3_5")
+    return {"deepseek_v3": v3, "deepseek_v32": hf_models.save_tiny("deepseek_v32", root / "deepseek_v32"),
+            "qwen3_5": qwen}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +65,11 @@ def test_prefill_logits_match_hf(family, loaded, hf_refs):
     np.testing.assert_allclose(loaded(family).logits(IDS), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_extend_and_decode_equal_full_forward(family, loaded):
-    """Latent-space (absorbed) extend and decode against the expanded prefill."""
-    model = loaded(family)
+def test_prefill_extend_and_decode_equal_full_forward(loaded):
+    """Latent-space (absorbed) extend and decode against the expanded prefill, past index_topk
+    (DeepSeek-V3's own path without the indexer runs in the speculative tests: verify is
+    extend, drafting decode, and their tokens must equal plain greedy decoding)."""
+    model = loaded("deepseek_v32")
     full = model.logits(IDS)
     stepped = _run_modes(model, IDS, prompt_len=8, chunks=(6,))
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
@@ -94,10 +100,8 @@ def test_v32_is_dense_mla_up_to_index_topk_and_sparse_past_it(ds_paths, loaded, 
 
 # The RFC's DeepSeek-V3.2 table as written (examples/policies/rfc_3_3_mla_indexer_moe.yaml):
 # MLA heads and latent cache both over the 8 devices, indexer replicated, EP 8.
-def test_rfc_3_3_gives_one_device_logits_and_tokens(loaded):
+def test_rfc_3_3_gives_one_device_tokens(loaded):
     base, model = loaded("deepseek_v32"), loaded("deepseek_v32", POLICIES / "rfc_3_3_mla_indexer_moe.yaml")
-    ref = base.logits(IDS)
-    np.testing.assert_allclose(model.logits(IDS), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert model.generate(PROMPT, NEW, ignore_eos=True).token_ids == \
         base.generate(PROMPT, NEW, ignore_eos=True).token_ids
 
@@ -175,19 +179,29 @@ def _mtp_logits(model, ids):
     return np.asarray(run(g.state, ids))
 
 
+MTP_FAMILIES = ["deepseek_v3", "qwen3_5"]
+
+
+def test_mtp_layers_load(loaded):
+    for family in MTP_FAMILIES:
+        assert type(loaded(family).module).__name__ == "CausalLMWithMTP"
+    # DeepSeek's MTP layer's copies of the embedding and head duplicate the main model's.
+    assert sorted(loaded("deepseek_v3").skipped_weights) == ["model.layers.2.embed_tokens.weight",
+                                                             "model.layers.2.shared_head.head.weight"]
+    assert loaded("qwen3_5").skipped_weights == []
+
+
 @hf_models.needs_torch
-def test_mtp_layer_loads_and_matches_torch_reference(ds_paths, loaded):
-    model = loaded("deepseek_v3")
-    assert type(model.module).__name__ == "CausalLMWithMTP"
-    # The MTP layer's copies of the embedding and head duplicate the main model's.
-    assert sorted(model.skipped_weights) == ["model.layers.2.embed_tokens.weight",
-                                             "model.layers.2.shared_head.head.weight"]
-    ref = hf_models.mtp_reference_logits(ds_paths["deepseek_v3"], "deepseek_v3", IDS)
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_mtp_layer_matches_torch_reference(family, ds_paths, loaded):
+    model = loaded(family)
+    ref = hf_models.mtp_reference_logits(ds_paths[family], family, IDS)
     np.testing.assert_allclose(_mtp_logits(model, IDS), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_speculative_mtp_equals_greedy(loaded):
-    model = loaded("deepseek_v3")
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_speculative_mtp_equals_greedy(family, loaded):
+    model = loaded(family)
     plain = model.generate(PROMPT, NEW, ignore_eos=True)
     spec = model.generate(PROMPT, NEW, ignore_eos=True, speculative="mtp", num_speculative_tokens=2)
     assert spec.token_ids == plain.token_ids
@@ -195,11 +209,13 @@ def test_speculative_mtp_equals_greedy(loaded):
     assert "acceptance_rate" in spec.timings
 
 
-def test_speculative_verification_rolls_back_rejected_drafts(loaded):
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_speculative_verification_rolls_back_rejected_drafts(family, loaded):
     """Drive the verify step with chosen drafts: all right, one right then wrong, all wrong;
-    every step must emit exactly the greedy continuation and leave the caches consistent.
+    every step must emit exactly the greedy continuation and leave the caches consistent
+    (Qwen3.5: the Gated DeltaNet states re-run from before the step on a rejection).
     (The shapes and shardings of test_speculative_mtp_equals_greedy's run: no new compiles.)"""
-    model = loaded("deepseek_v3")
+    model = loaded(family)
     greedy = model.generate(PROMPT, 12, ignore_eos=True).token_ids[0]
     spec = model._speculator("mtp", 2)
     from jaxpar.models.decoder import init_cache
