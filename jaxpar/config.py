@@ -133,7 +133,7 @@ class ModelConfig:
     mamba_proj_bias: bool = False
     # dt = softplus(dt_raw + dt_bias) clamped below at this value (HF: time_step_min).
     mamba_dt_min: float = 0.0
-    # ---- DeepSeek-V3 / V3.2 and multi-token prediction (docs/ARCHITECTURE.md, 11-12) ----
+    # ---- DeepSeek-V3 / V3.2 and multi-token prediction (docs/ARCHITECTURE.md, 15) ----
     # Multi-head latent attention (MLA) when kv_lora_rank > 0: q through a LoRA pair
     # (q_lora_rank; 0 = one q_proj), keys / values from a shared latent of kv_lora_rank plus
     # one rotary key of qk_rope_head_dim; per head qk_nope_head_dim + qk_rope_head_dim query /

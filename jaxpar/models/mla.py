@@ -15,7 +15,7 @@ H * (2 * qk_head_dim) for the expanded keys and values (DeepSeek-V3: 576 vs 4096
   the output is taken over `c` and mapped out through `W_uv[h]`. Nothing per head is read
   from the cache: one latent head serves all query heads (multi-query attention).
 
-Parallelism (docs/ARCHITECTURE.md, 11): heads split over the plan's tp axes like GQA; the
+Parallelism (docs/ARCHITECTURE.md, 15): heads split over the plan's tp axes like GQA; the
 latent cache, having one head, is split only by decode context parallelism (DCP,
 round-robin: position p on rank p % n at slot p // n). The dcp ranks are carved out of the
 heads' devices ("shared" axes split both) or extend them ("dcp"-only axes, heads replicated).
