@@ -180,6 +180,9 @@ def _mtp_logits(model, ids):
 
 
 MTP_FAMILIES = ["deepseek_v3", "qwen3_5"]
+# Drafts per step (fewer compiles for Qwen3.5: k = 1 still covers full acceptance and the
+# Gated DeltaNet re-run on a rejection; DeepSeek-V3's k = 2 covers partial acceptance).
+DRAFTS = {"deepseek_v3": 2, "qwen3_5": 1}
 
 
 def test_mtp_layers_load(loaded):
@@ -203,21 +206,23 @@ def test_mtp_layer_matches_torch_reference(family, ds_paths, loaded):
 def test_speculative_mtp_equals_greedy(family, loaded):
     model = loaded(family)
     plain = model.generate(PROMPT, NEW, ignore_eos=True)
-    spec = model.generate(PROMPT, NEW, ignore_eos=True, speculative="mtp", num_speculative_tokens=2)
+    k = DRAFTS[family]
+    spec = model.generate(PROMPT, NEW, ignore_eos=True, speculative="mtp", num_speculative_tokens=k)
     assert spec.token_ids == plain.token_ids
-    assert spec.draft_tokens == 2 * spec.decode_steps and 0 <= spec.acceptance_rate <= 1
+    assert spec.draft_tokens == k * spec.decode_steps and 0 <= spec.acceptance_rate <= 1
     assert "acceptance_rate" in spec.timings
 
 
 @pytest.mark.parametrize("family", MTP_FAMILIES)
 def test_speculative_verification_rolls_back_rejected_drafts(family, loaded):
-    """Drive the verify step with chosen drafts: all right, one right then wrong, all wrong;
+    """Drive the verify step with chosen drafts: all right, some right then wrong, all wrong;
     every step must emit exactly the greedy continuation and leave the caches consistent
     (Qwen3.5: the Gated DeltaNet states re-run from before the step on a rejection).
     (The shapes and shardings of test_speculative_mtp_equals_greedy's run: no new compiles.)"""
     model = loaded(family)
     greedy = model.generate(PROMPT, 12, ignore_eos=True).token_ids[0]
-    spec = model._speculator("mtp", 2)
+    k = DRAFTS[family]
+    spec = model._speculator("mtp", k)
     from jaxpar.models.decoder import init_cache
     from jaxpar.models.mtp import init_mtp_cache
     from jaxpar.sharding.host import replicated
@@ -232,10 +237,10 @@ def test_speculative_verification_rolls_back_rejected_drafts(family, loaded):
     pending, drafted, cache, mtp = spec.prefill(spec.leaves, tokens, lengths, cache, mtp)
     out = [int(pending[0])]
     wrong = (greedy[0] + 1) % 256
-    for right in (2, 1, 0, 2):
+    for right in ((2, 1, 0, 2) if k == 2 else (1, 0, 1)):
         n = len(out)
-        drafts = greedy[n:n + 2]
-        drafts = drafts[:right] + [wrong if greedy[n + j] != wrong else wrong + 1 for j in range(right, 2)]
+        drafts = greedy[n:n + k]
+        drafts = drafts[:right] + [wrong if greedy[n + j] != wrong else (wrong + 1) % 256 for j in range(right, k)]
         drafts = jax.device_put(np.array([drafts], np.int32), drafted.sharding)
         emitted, m, pending, drafted, cache, mtp = spec.step(spec.leaves, pending, drafts, cache, mtp)
         assert int(m[0]) == right
