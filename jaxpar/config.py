@@ -137,13 +137,12 @@ class ModelConfig:
     # Multi-head latent attention (MLA) when kv_lora_rank > 0: q through a LoRA pair
     # (q_lora_rank; 0 = one q_proj), keys / values from a shared latent of kv_lora_rank plus
     # one rotary key of qk_rope_head_dim; per head qk_nope_head_dim + qk_rope_head_dim query /
-    # key dims and v_head_dim value dims. rope_interleave: rotary pairs are (2i, 2i+1).
+    # key dims and v_head_dim value dims (its rotary pairs interleaved: rope_interleaved).
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    rope_interleave: bool = False
     # DeepSeek-V3.2 lightning indexer (when index_topk > 0): each query attends to the
     # index_topk cached tokens it scores highest.
     index_n_heads: int = 0
@@ -524,7 +523,7 @@ def _deepseek(hf: dict[str, Any], *, indexer: bool) -> dict[str, Any]:
         qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=rope_dim,
         v_head_dim=int(hf["v_head_dim"]),
         # V3.2 always interleaves the MLA rotary pairs (its indexer never does).
-        rope_interleave=True if indexer else bool(hf.get("rope_interleave", True)),
+        rope_interleaved=True if indexer else bool(hf.get("rope_interleave", True)),
         moe_router="sigmoid_grouped", n_group=int(hf.get("n_group") or 1),
         topk_group=int(hf.get("topk_group") or 1),
         routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),

@@ -70,12 +70,6 @@ def mla_cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> MLACa
                     if cfg.has_indexer else None)
 
 
-def deinterleave(x: jax.Array) -> jax.Array:
-    """Rotary pairs (2i, 2i+1) -> halves [evens | odds], so half-split rope applies; HF's
-    interleaved rope returns this same layout, and q and k are permuted alike."""
-    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
-
-
 def _index(axes) -> jax.Array:
     return jax.lax.axis_index(axes) if axes else jnp.int32(0)
 
@@ -227,16 +221,16 @@ class MLAttention(nnx.Module):
         self.inv_freq = tuple(inverse_frequencies(cfg.rope, rope).tolist())
         self.rope_scale = attention_scaling(cfg.rope)
         self.scale = qk ** -0.5 * softmax_scale_factor(cfg.rope)
-        self.interleave = cfg.rope_interleave
+        self.interleaved = cfg.rope_interleaved
         self.lora, self.nope, self.v_dim = lora, nope, vd
         self.rules = rules
         self.options = options
 
     def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [B, T, (H,) R] rotary part -> rotated (HF's layout: halves, see deinterleave)."""
-        if self.interleave:
-            x = deinterleave(x)
-        return apply_rope(x, positions, jnp.asarray(self.inv_freq, jnp.float32), self.rope_scale)
+        """x [B, T, H, R] rotary part -> rotated (pairs (2i, 2i+1) when interleaved; HF permutes
+        them to halves first, a permutation of q and k alike that leaves q . k unchanged)."""
+        return apply_rope(x, positions, jnp.asarray(self.inv_freq, jnp.float32), self.rope_scale,
+                          interleaved=self.interleaved)
 
     def _project(self, x: jax.Array, positions: jax.Array):
         """-> (q_nope [B,T,H,nope], q_rope [B,T,H,R] rotated, latent [B,T,L], k_rope [B,T,R]
