@@ -156,10 +156,10 @@ class SingleBlockLayer(nnx.Module):
                             zero_centred=cfg.zero_centred_norm)
         if cfg.layer_types[index] != NO_BLOCK:
             self.kind = cfg.layer_types[index]
-            self.mixer = _mixer(cfg, index, dtype, sharding.mixer, options)
+            self.mixer = _mixer(cfg, self.kind, index, dtype, sharding, options)
         else:
             self.kind = cfg.mlp_types[index]
-            self.mixer = _ffn(cfg, index, dtype, sharding.ffn)
+            self.mixer = _ffn(cfg, self.kind, index, dtype, sharding.ffn)
         self.rules = sharding.mixer
         self.remat = self.kind in options.remat  # rematerialised in the backward pass (training)
 
