@@ -13,13 +13,13 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jaxpar
-from jaxpar.sharding.inspect import plan_report
 from jaxpar.assembly import make_sharding, open_config
+from jaxpar.sharding.inspect import plan_report
 from jaxpar.sharding.resolve import resolve_plans
 from jaxpar.sharding.rules import RuleTableError, parse_rule_table
 from jaxpar.speculative import SpeculativeError
 from tests import hf_models
-from tests.test_hybrid_models import _run_modes
+from tests.family_checks import run_modes
 
 FAMILIES = list(hf_models.DEEPSEEK_FAMILIES)
 POLICIES = Path(__file__).resolve().parents[1] / "examples" / "policies"
@@ -54,7 +54,7 @@ def loaded(ds_paths):
 
 @pytest.fixture(scope="module")
 def hf_refs(ds_paths):
-    return {f: hf_models.hf_logits(p, IDS) for f, p in ds_paths.items()}
+    return {f: hf_models.hf_logits(ds_paths[f], IDS) for f in FAMILIES}
 
 
 @hf_models.needs_torch
@@ -71,7 +71,7 @@ def test_prefill_extend_and_decode_equal_full_forward(loaded):
     extend, drafting decode, and their tokens must equal plain greedy decoding)."""
     model = loaded("deepseek_v32")
     full = model.logits(IDS)
-    stepped = _run_modes(model, IDS, prompt_len=8, chunks=(6,))
+    stepped = run_modes(model, IDS, prompt_len=8, chunks=(6,))
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
 
@@ -121,7 +121,7 @@ def test_mixed_mla_plan_prefill_extend_decode_equal_one_device(loaded):
     model = loaded("deepseek_v32", MIXED_MLA)
     assert {p.block: p.describe() for p in model.sharding.plans}["model.layers.0.self_attn"] == "tp=2 dcp=4"
     full = loaded("deepseek_v32").logits(IDS)
-    stepped = _run_modes(model, IDS, prompt_len=8, chunks=(6,))
+    stepped = run_modes(model, IDS, prompt_len=8, chunks=(6,))
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
 
