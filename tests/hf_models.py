@@ -280,6 +280,11 @@ def _nemotron_h_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
         else:
             raise ValueError(f"no torch-free layout for Nemotron-H block kind {kind!r}")
     out[b + "norm_f.weight"] = (hidden,)
+    if not hf.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (hf["vocab_size"], hidden)
+    return out
+
+
 def _deepseek_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     """DeepSeek-V3 / V3.2 as HF writes them: MLA's LoRA pairs (`q_a_proj`, `q_a_layernorm`,
     `q_b_proj`, or one `q_proj` without q_lora_rank; `kv_a_proj_with_mqa` = latent + rope key,
