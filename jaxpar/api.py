@@ -29,6 +29,7 @@ from jaxpar.models.options import KernelImpl, RuntimeOptions
 from jaxpar.pipeline import PipelineGenerator, PipelineModel
 from jaxpar.sampling import SamplingParams
 from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
+from jaxpar.speculative import SPECULATIVE_METHODS, MTPSpeculator, SpeculativeError
 from jaxpar.tokenizer import Prompt, Tokenizer, encode, load_tokenizer
 
 
@@ -92,6 +93,7 @@ class LoadedModel:
                                  "model has no pipeline (give a policy with pp > 1)")
             self._generator = Generator(module, cache_dtype=self.cache_dtypes)
         self._forward = None
+        self._speculators: dict = {}
 
     @property
     def is_pipeline(self) -> bool:
@@ -113,7 +115,8 @@ class LoadedModel:
                  stop: str | Sequence[str] | None = None, chat: bool = False,
                  ignore_eos: bool = False,
                  stream: Callable[[int, str], None] | None = None,
-                 output_logits: bool = False) -> GenerationResult:
+                 output_logits: bool = False, speculative: str | None = None,
+                 num_speculative_tokens: int = 1) -> GenerationResult:
         """Generates for one prompt or a batch of prompts of any lengths.
 
         A prompt is a string, a list of chat messages, or a list of token ids. `stream`
@@ -121,6 +124,9 @@ class LoadedModel:
         `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests).
         `output_logits` also returns each generated token's float32 logits
         (`GenerationResult.logits`); without it the compiled steps return tokens only.
+        `speculative="mtp"` drafts `num_speculative_tokens` tokens per step with the model's
+        multi-token-prediction layers and verifies them in one forward (greedy only; same
+        tokens as without it); the result then reports `acceptance_rate`.
         """
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if _is_single(prompts):
@@ -130,9 +136,24 @@ class LoadedModel:
         detok = None
         if self.tokenizer is not None:
             detok = lambda toks: self.tokenizer.decode(toks, skip_special_tokens=True)  # noqa: E731
+        if speculative is not None:
+            if output_logits:
+                raise SpeculativeError("output_logits is not available with speculative decoding")
+            return self._speculator(speculative, num_speculative_tokens).generate(
+                ids, max_new_tokens, sampling, stop_ids=set() if ignore_eos else self.stop_ids,
+                detokenize=detok, stop_strings=stops, stream=stream)
         return self._generator.generate(ids, max_new_tokens, sampling, stop_ids=set() if ignore_eos else self.stop_ids,
                                         detokenize=detok, stop_strings=stops, stream=stream,
                                         output_logits=output_logits)
+
+    def _speculator(self, method: str, num_tokens: int):
+        if method not in SPECULATIVE_METHODS:
+            raise SpeculativeError(f"speculative={method!r} is not a method (methods: "
+                                   f"{', '.join(SPECULATIVE_METHODS)}, or None)")
+        key = (method, num_tokens)
+        if key not in self._speculators:
+            self._speculators[key] = MTPSpeculator(self.module, self.dtype, num_tokens)
+        return self._speculators[key]
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """Full forward without a cache: float32 logits [B, T, V] (rows of equal length)."""
@@ -197,6 +218,10 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     cache_dtypes = CacheDtypes.resolve(jdtype, kv_cache_dtype, state_dtype)  # bad names fail before loading
     if sharding is None:
         sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
+    if isinstance(sharding, PipelineSharding) and cfg.mtp_num_layers:
+        ckpt.drop_mtp("pipeline parallelism runs the main model only (speculative='mtp' is unavailable)")
+        cfg = ckpt.cfg
+        sharding = make_sharding(cfg, policy, devices=devices, mesh=mesh)
     options = RuntimeOptions(kernel_impl=kernel_impl)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -220,8 +245,8 @@ def load(path_or_alias: str | Path = DEFAULT_MODEL, *, dtype: str | None = "floa
     if skipped:
         groups = sorted({n.split(".")[0] + "." + n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
                          for n in skipped})
-        logging.getLogger("jaxpar").warning("not loaded: %d tensors under %s (text model only)",
-                                            len(skipped), ", ".join(groups))
+        logging.getLogger("jaxpar").warning("not loaded: %d tensors under %s (LoadedModel.skipped_weights "
+                                            "lists them)", len(skipped), ", ".join(groups))
     return LoadedModel(module, tok, jdtype, _stop_ids(cfg, tok, ckpt.tokenizer_dir), skipped,
                        prefill_chunk=prefill_chunk, cache_dtypes=cache_dtypes)
 

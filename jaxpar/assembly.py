@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.config import ModelConfig, config_from_hf_dict, read_hf_config
+from jaxpar.config import ModelConfig, config_from_hf_dict, mtp_weight_prefixes, read_hf_config, without_mtp
 from jaxpar.loading.fp8 import BlockFP8, DequantizedSource, quantization_of
 from jaxpar.loading.gguf_source import GGUFSource
 from jaxpar.loading.loader import load_params, skipped_tensors
@@ -33,6 +34,7 @@ from jaxpar.loading.sources import CountingSource, SafetensorsSource, TensorSour
 from jaxpar.models.decoder import CausalLM
 from jaxpar.models.fp8 import keep_fp8, keep_fp8_like
 from jaxpar.models.linear import use_float32_products
+from jaxpar.models.mtp import CausalLMWithMTP
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.sharding.model_sharding import ModelSharding, PipelineSharding
 from jaxpar.sharding.resolve import build_pipeline, build_sharding
@@ -126,7 +128,18 @@ class OpenedCheckpoint:
     def cfg(self) -> ModelConfig:
         if self.orbax is not None:
             return self.orbax.cfg
-        return config_from_hf_dict(self.hf_config)
+        cfg = config_from_hf_dict(self.hf_config)
+        if cfg.mtp_num_layers and self.kind == "safetensors":
+            cfg = _drop_absent_mtp(cfg, self.tensors())
+        return cfg
+
+    def drop_mtp(self, why: str) -> None:
+        """Loads the model without its multi-token-prediction layers from here on (their
+        tensors are skipped and reported), saying `why`."""
+        if self.cfg.mtp_num_layers:
+            logging.getLogger("jaxpar").warning("%s: its %d multi-token-prediction layer(s) are not loaded: %s",
+                                                self.path, self.cfg.mtp_num_layers, why)
+            self.__dict__["cfg"] = without_mtp(self.cfg)
 
     def tensors(self) -> TensorSource:
         """The HF folder's or GGUF file's tensors by HF name (opened on first use)."""
@@ -180,6 +193,24 @@ class OpenedCheckpoint:
         if self.orbax is not None:
             return []
         return skipped_tensors(self.cfg, self.tensors())
+
+
+def _drop_absent_mtp(cfg: ModelConfig, source: TensorSource) -> ModelConfig:
+    """Checkpoints often declare MTP layers whose tensors they do not ship (transformers
+    never saves them; many conversions strip them): the model is then loaded without them."""
+    prefixes = mtp_weight_prefixes(cfg)
+    if any(n.startswith(prefixes) for n in source.names()):
+        return cfg
+    logging.getLogger("jaxpar").warning(
+        "%s: the config declares %d multi-token-prediction layer(s) but the checkpoint has no tensors "
+        "under %s; loading without them (speculative='mtp' unavailable)", cfg.model_type,
+        cfg.mtp_num_layers, ", ".join(prefixes))
+    return without_mtp(cfg)
+
+
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
+    """CausalLM, with its multi-token-prediction layers when the config has some."""
+    return CausalLMWithMTP if cfg.mtp_num_layers else CausalLM
 
 
 def open_checkpoint(path_or_alias: str | Path) -> OpenedCheckpoint:
@@ -239,7 +270,7 @@ def abstract_model(cfg: ModelConfig, sharding: ModelSharding, dtype,
     with their scales (`jaxpar.models.fp8`); `fp8_like`: a loaded model whose fp8 weights
     this one keeps too (placing it on another sharding)."""
     def build():
-        model = CausalLM(cfg, dtype, sharding, options)
+        model = model_class(cfg)(cfg, dtype, sharding, options)
         if fp8_from is not None and fp8_from.quantization is not None:
             model = keep_fp8(model, cfg, fp8_from.quantization, fp8_from.tensors(), sharding)
         if fp8_like is not None:

@@ -56,6 +56,10 @@ def _add_generate(sub) -> None:
                         "(default 256)")
     p.add_argument("--dequantize", action="store_true",
                    help="FP8 block-scaled checkpoints: dequantise to --dtype at load (default: keep fp8)")
+    p.add_argument("--speculative", default=None, choices=["mtp"],
+                   help="draft with the model's multi-token-prediction layers, verify in one forward "
+                        "(greedy only)")
+    p.add_argument("--num-speculative-tokens", type=int, default=1, help="drafts per step (--speculative)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_generate)
 
@@ -138,7 +142,8 @@ def _generate(args) -> int:
     try:
         result = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                stream=stream if single else None)
+                                stream=stream if single else None, speculative=args.speculative,
+                                num_speculative_tokens=args.num_speculative_tokens)
     except KeyboardInterrupt:
         if streamed:  # end the half-written line before the message
             print(flush=True)
@@ -152,8 +157,9 @@ def _generate(args) -> int:
         for i, text in enumerate(result.texts):
             print(f"[{i}] {text}")
     t = result.timings
+    spec = f", draft acceptance {t['acceptance_rate']:.0%}" if "acceptance_rate" in t else ""
     print(f"compile {t['compile_ms']:.0f} ms, prefill {t['prefill_ms']:.1f} ms, "
-          f"decode {t['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+          f"decode {t['decode_tokens_per_s']:.1f} tokens/s{spec}", file=sys.stderr)
     return 0
 
 

@@ -40,6 +40,16 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # YaRN ("yarn", DeepSeek-V3): ramp between interpolated and extrapolated frequencies over
+    # the dims whose rotations at original_max_position_embeddings lie between beta_slow and
+    # beta_fast; cos / sin scaled by attention_factor (None: derived from factor, mscale and
+    # mscale_all_dim as HF does).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +133,49 @@ class ModelConfig:
     mamba_proj_bias: bool = False
     # dt = softplus(dt_raw + dt_bias) clamped below at this value (HF: time_step_min).
     mamba_dt_min: float = 0.0
+    # ---- DeepSeek-V3 / V3.2 and multi-token prediction (docs/ARCHITECTURE.md, 15) ----
+    # Multi-head latent attention (MLA) when kv_lora_rank > 0: q through a LoRA pair
+    # (q_lora_rank; 0 = one q_proj), keys / values from a shared latent of kv_lora_rank plus
+    # one rotary key of qk_rope_head_dim; per head qk_nope_head_dim + qk_rope_head_dim query /
+    # key dims and v_head_dim value dims (its rotary pairs interleaved: rope_interleaved).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # DeepSeek-V3.2 lightning indexer (when index_topk > 0): each query attends to the
+    # index_topk cached tokens it scores highest.
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    # MoE router: "softmax" (Qwen) or "sigmoid_grouped" (DeepSeek-V3: sigmoid scores, choice
+    # on scores + e_score_correction_bias within the topk_group best of n_group expert
+    # groups, weights from the plain scores times routed_scaling_factor).
+    moe_router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # Shared expert: gated by sigmoid(shared_expert_gate(x)) (Qwen) or added as is (DeepSeek).
+    shared_expert_gated: bool = True
+    # Multi-token prediction layers: "qwen" (mtp.fc, mtp.pre_fc_norm_*, mtp.layers.k, mtp.norm)
+    # or "deepseek" (model.layers.{num_layers + k}: enorm, hnorm, eh_proj, shared_head.norm).
+    mtp_num_layers: int = 0
+    mtp_layout: str = ""
 
     @property
     def attention_flavor(self) -> str:
+        if self.kv_lora_rank > 0:
+            return "mla"
         return "gated" if self.attn_output_gate else "gqa"
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_topk > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """MLA: query / key dims per head (no-rope part + rope part)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,22 +200,42 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3", "mrope"):
+    if rope_type not in ("default", "linear", "llama3", "mrope", "yarn"):
         raise ConfigError(
             f"rope type {rope_type!r} is not supported (supported: default, linear, llama3, "
-            "and text-only mrope)"
+            "yarn, and text-only mrope)"
         )
     partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    return RopeConfig(
+    fields = dict(
         theta=float(theta),
         partial_rotary_factor=float(partial),
         # Text-only mrope is ordinary (partial) rope: all three position streams are equal.
         rope_type="default" if rope_type == "mrope" else rope_type,
-        factor=float(merged.get("factor", 1.0)),
+        factor=float(merged.get("factor") or 1.0),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings") or 8192),
     )
+    fields.update(_yarn_fields(merged, hf, rope_type))
+    return RopeConfig(**fields)
+
+
+def _yarn_fields(merged: dict[str, Any], hf: dict[str, Any], rope_type: str) -> dict[str, Any]:
+    if rope_type != "yarn":
+        return {}
+    out: dict[str, Any] = {}
+    if merged.get("factor") is None:  # HF: the ratio of the context to the pretraining context
+        orig = merged.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        out["factor"] = float(hf.get("max_position_embeddings", orig)) / float(orig)
+    if merged.get("original_max_position_embeddings") is None:
+        out["original_max_position_embeddings"] = int(hf.get("max_position_embeddings", 8192))
+    for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        if merged.get(key):
+            out[key] = float(merged[key])
+    if merged.get("attention_factor") is not None:
+        out["attention_factor"] = float(merged["attention_factor"])
+    out["truncate"] = bool(merged.get("truncate", True))
+    return out
 
 
 def _eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
@@ -281,7 +350,18 @@ def _qwen3_hybrid(hf: dict[str, Any], *, layout: str, moe: bool) -> dict[str, An
     if moe:
         out.update(_moe_fields(hf, norm_topk_default=True))
         out["mlp_types"] = _sparse_mlp_types(hf, out["num_layers"])
+    out.update(_qwen_mtp_fields(hf))
     return out
+
+
+def _qwen_mtp_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next / Qwen3.5 multi-token prediction head (`mtp.*`), when the config has one."""
+    n = int(hf.get("mtp_num_hidden_layers") or 0)
+    if n and hf.get("mtp_use_dedicated_embeddings"):
+        raise ConfigError("mtp_use_dedicated_embeddings=true (an MTP head with its own embedding) "
+                          "is not supported")
+    return {"mtp_num_layers": n, "mtp_layout": "qwen" if n else "",
+            "skipped_weight_prefixes": () if n else ("mtp.",)}
 
 
 def _qwen3_5_conditional(hf: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +376,8 @@ def _qwen3_5_conditional(hf: dict[str, Any]) -> dict[str, Any]:
             text[key] = hf[key]
     inner = text.get("model_type") or ("qwen3_5_moe_text" if hf["model_type"] == "qwen3_5_moe" else "qwen3_5_text")
     out = FAMILIES[inner]({**text, "model_type": inner})
-    out.update(weight_prefix="model.language_model.", skipped_weight_prefixes=("model.visual.", "mtp."))
+    out.update(weight_prefix="model.language_model.",
+               skipped_weight_prefixes=("model.visual.",) + out["skipped_weight_prefixes"])
     return out
 
 
@@ -409,6 +490,74 @@ def _nemotron_h(hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ---- DeepSeek-V3 / V3.2 (MLA, DeepSeek MoE, lightning indexer, MTP) -----------------------
+
+
+def _deepseek(hf: dict[str, Any], *, indexer: bool) -> dict[str, Any]:
+    """DeepSeek-V3 (`deepseek_v3`) and V3.2 (`deepseek_v32`): MLA attention on every layer,
+    dense MLPs for the first `first_k_dense_replace` layers (or `mlp_layer_types`), MoE with
+    sigmoid grouped routing and shared experts after; V3.2 adds the lightning indexer."""
+    _require(hf, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+             "moe_intermediate_size", "num_experts_per_tok")
+    hf = dict(hf)
+    hf["num_experts"] = hf.get("n_routed_experts") or hf.get("num_local_experts") or hf.get("num_experts")
+    for key, allowed in (("hidden_act", "silu"), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if hf.get(key) not in (None, allowed):
+            raise ConfigError(f"{hf['model_type']}: {key}={hf[key]!r} is not supported (only {allowed!r})")
+    rope_dim = int(hf["qk_rope_head_dim"])
+    # HF's rotary embedding reads head_dim = qk_rope_head_dim (the rotated part of q and k).
+    out = _dense_common({**hf, "head_dim": rope_dim})
+    n = out["num_layers"]
+    kinds = hf.get("mlp_layer_types")
+    if kinds is None:
+        first_dense = int(hf.get("first_k_dense_replace") or 0)
+        kinds = ["dense" if i < first_dense else "sparse" for i in range(n)]
+    if len(kinds) != n or set(kinds) - {"dense", "sparse"}:
+        raise ConfigError(f"mlp_layer_types must list {n} of dense / sparse, got {kinds}")
+    n_shared = int(hf.get("n_shared_experts") or 0)
+    out.update(_moe_fields({**hf, "shared_expert_intermediate_size": None}, norm_topk_default=True))
+    out.update(
+        mlp_types=tuple(MOE if k == "sparse" else MLP for k in kinds),
+        qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
+        q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+        qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=rope_dim,
+        v_head_dim=int(hf["v_head_dim"]),
+        # V3.2 always interleaves the MLA rotary pairs (its indexer never does).
+        rope_interleaved=True if indexer else bool(hf.get("rope_interleave", True)),
+        moe_router="sigmoid_grouped", n_group=int(hf.get("n_group") or 1),
+        topk_group=int(hf.get("topk_group") or 1),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+        shared_expert_intermediate_size=int(hf["moe_intermediate_size"]) * n_shared,
+        shared_expert_gated=False,
+    )
+    if indexer:
+        _require(hf, "index_topk", "index_n_heads", "index_head_dim")
+        out.update(index_n_heads=int(hf["index_n_heads"]), index_head_dim=int(hf["index_head_dim"]),
+                   index_topk=int(hf["index_topk"]))
+    mtp = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
+    out.update(mtp_num_layers=mtp, mtp_layout="deepseek" if mtp else "")
+    # An MTP layer's own copies of the embedding and LM head duplicate the main model's
+    # (shared, as in DeepSeek's MTP design): not loaded. MTP layers the config does not
+    # declare are skipped too.
+    out["skipped_weight_prefixes"] = tuple(
+        f"model.layers.{n + k}.{m}." for k in range(mtp) for m in ("embed_tokens", "shared_head.head")
+    ) + (f"model.layers.{n + mtp}.",)
+    return out
+
+
+def mtp_weight_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """Checkpoint name prefixes of the MTP layers' tensors."""
+    if cfg.mtp_layout == "deepseek":
+        return tuple(f"{cfg.weight_prefix}layers.{cfg.num_layers + k}." for k in range(cfg.mtp_num_layers))
+    return ("mtp.",) if cfg.mtp_layout == "qwen" else ()
+
+
+def without_mtp(cfg: ModelConfig) -> ModelConfig:
+    """The config with its MTP layers dropped (their tensors, if any, are skipped)."""
+    return dataclasses.replace(cfg, mtp_num_layers=0, mtp_layout="",
+                               skipped_weight_prefixes=cfg.skipped_weight_prefixes + mtp_weight_prefixes(cfg))
+
+
 # model_type -> normaliser. Later families register here and nowhere else.
 FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "llama": _llama,
@@ -425,6 +574,8 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "phi3": _phi3,
     "glm4": _glm4,
     "nemotron_h": _nemotron_h,
+    "deepseek_v3": lambda hf: _deepseek(hf, indexer=False),
+    "deepseek_v32": lambda hf: _deepseek(hf, indexer=True),
 }
 
 
@@ -467,6 +618,7 @@ def _validate(cfg: ModelConfig) -> None:
                               f"n_groups={cfg.mamba_n_groups}")
         if cfg.mamba_chunk_size < 1:
             raise ConfigError(f"chunk_size={cfg.mamba_chunk_size} must be positive")
+    _validate_deepseek(cfg)
     if LINEAR_ATTENTION in cfg.layer_types and cfg.linear_num_value_heads % max(cfg.linear_num_key_heads, 1):
         raise ConfigError(f"linear_num_value_heads={cfg.linear_num_value_heads} is not a multiple of "
                           f"linear_num_key_heads={cfg.linear_num_key_heads}")
@@ -482,3 +634,20 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"rotary dims head_dim*partial_rotary_factor={rot} must be an even integer"
         )
+
+
+def _validate_deepseek(cfg: ModelConfig) -> None:
+    if cfg.moe_router == "sigmoid_grouped" and MOE in cfg.mlp_types:
+        if cfg.num_experts % cfg.n_group:
+            raise ConfigError(f"n_routed_experts={cfg.num_experts} is not a multiple of n_group={cfg.n_group}")
+        if not 0 < cfg.topk_group <= cfg.n_group:
+            raise ConfigError(f"topk_group={cfg.topk_group} must be in 1..n_group={cfg.n_group}")
+        if cfg.num_experts_per_tok > cfg.topk_group * (cfg.num_experts // cfg.n_group):
+            raise ConfigError(f"num_experts_per_tok={cfg.num_experts_per_tok} exceeds the experts of the "
+                              f"topk_group={cfg.topk_group} groups kept")
+    if cfg.has_indexer:
+        if cfg.index_head_dim < cfg.qk_rope_head_dim:
+            raise ConfigError(f"index_head_dim={cfg.index_head_dim} is smaller than qk_rope_head_dim="
+                              f"{cfg.qk_rope_head_dim} (the indexer rotates its first qk_rope_head_dim dims)")
+        if cfg.q_lora_rank <= 0:
+            raise ConfigError("the lightning indexer reads the q LoRA latent: q_lora_rank must be set")

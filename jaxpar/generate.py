@@ -138,7 +138,7 @@ def model_programs(graphdef, treedef, mode: tuple[bool, bool] = GREEDY, with_log
     return prefill, decode
 
 
-def _compiled_outputs(lowered):
+def compiled_outputs(lowered):
     """Compiles a lowered program; returns its outputs as ShapeDtypeStructs with shardings."""
     compiled = lowered.compile()
     return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
@@ -264,7 +264,7 @@ class Generator:
             extra = [jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)]
             extra += [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in sampling.arrays()]
         n_state = 2 if mode == GREEDY else 3  # (tokens, cache[, rng]) carried to the next step
-        pending = [_compiled_outputs(prefill.lower(weights, tokens, lengths, cache, *extra))]
+        pending = [compiled_outputs(prefill.lower(weights, tokens, lengths, cache, *extra))]
         seen = []
         while pending:
             carried = pending.pop()[:n_state]
@@ -272,7 +272,7 @@ class Generator:
             if signature not in seen:
                 seen.append(signature)
                 next_tokens, cache, *rng = carried
-                pending.append(_compiled_outputs(decode.lower(weights, next_tokens, cache, *rng, *extra[1:])))
+                pending.append(compiled_outputs(decode.lower(weights, next_tokens, cache, *rng, *extra[1:])))
         self._compiled.add(key)
         return (time.perf_counter() - t0) * 1e3
 

@@ -97,7 +97,38 @@ def tiny_config(family: str, **overrides):
     if family == "nemotron_h":
         kw = {k: v for k, v in kw.items() if k not in ("num_hidden_layers", "rms_norm_eps")}
         return transformers.NemotronHConfig(layer_norm_epsilon=1e-6, **{**kw, **_NEMOTRON, **overrides})
+    if family in DEEPSEEK_FAMILIES:
+        return deepseek_config(family, **overrides)
     raise ValueError(family)
+
+
+# ---- DeepSeek-V3 / V3.2 (MLA, grouped sigmoid MoE, lightning indexer) and MTP layers ----
+
+DEEPSEEK_FAMILIES = ("deepseek_v3", "deepseek_v32")
+# Two layers (one dense, one MoE), 8 heads / experts / index heads so the RFC's tables fit 8
+# devices; YaRN rope (DeepSeek-V3's) with interleaved rotary pairs; index_topk 8 so that
+# sequences longer than 8 tokens take the sparse path.
+_DEEPSEEK = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                 num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=32,
+                 n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                 norm_topk_prob=True, max_position_embeddings=256, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                  "original_max_position_embeddings": 64, "mscale": 1.0,
+                                  "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})
+_INDEXER = dict(index_n_heads=8, index_head_dim=16, index_topk=8)
+
+
+def deepseek_config(family: str, **overrides):
+    import transformers
+
+    kw = {**_DEEPSEEK, "num_nextn_predict_layers": 0, **overrides}
+    if family == "deepseek_v3":
+        kw["num_mtp_layers"] = kw.pop("num_nextn_predict_layers")
+        return transformers.DeepseekV3Config(**kw)
+    return transformers.DeepseekV32Config(**{**kw, **_INDEXER, **overrides})
 
 
 def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
@@ -116,6 +147,9 @@ def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
         for p in model.parameters():
             if p.ndim >= 1:
                 p.normal_(0.0, 0.2 if p.ndim > 1 else 1.0).clamp_(-1, 1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias (a buffer)
+                b.normal_(0.0, 0.1)
     model.save_pretrained(path)
     return path
 
@@ -144,6 +178,8 @@ def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     kind = hf["model_type"]
     if kind == "nemotron_h":
         return _nemotron_h_tensor_shapes(hf)
+    if kind in DEEPSEEK_FAMILIES:
+        return _deepseek_tensor_shapes(hf)
     if kind not in ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
                     "mistral", "phi3", "glm4"):
         raise ValueError(f"no torch-free HF tensor layout for model_type {kind!r}: add it to "
@@ -249,6 +285,56 @@ def _nemotron_h_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _deepseek_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """DeepSeek-V3 / V3.2 as HF writes them: MLA's LoRA pairs (`q_a_proj`, `q_a_layernorm`,
+    `q_b_proj`, or one `q_proj` without q_lora_rank; `kv_a_proj_with_mqa` = latent + rope key,
+    `kv_a_layernorm`, `kv_b_proj` = per head no-rope key + value), V3.2's `indexer`, dense MLPs
+    for `mlp_layer_types` "dense" (else the first `first_k_dense_replace` layers), and MoE
+    layers with `gate.weight`, the `gate.e_score_correction_bias` buffer, experts per expert
+    and ungated `shared_experts` of n_shared_experts * moe_intermediate_size."""
+    hidden, layers, heads = hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"]
+    nope, rope, vd, lora = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"], hf["kv_lora_rank"]
+    q_lora, bias = hf.get("q_lora_rank") or 0, bool(hf.get("attention_bias"))
+    kinds = hf.get("mlp_layer_types") or ["dense" if i < (hf.get("first_k_dense_replace") or 0) else "sparse"
+                                          for i in range(layers)]
+    experts, moe_ffn = hf["n_routed_experts"], hf["moe_intermediate_size"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (hf["vocab_size"], hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = out[p + "post_attention_layernorm.weight"] = (hidden,)
+        a = p + "self_attn."
+        if q_lora:
+            _linear(out, a + "q_a_proj", q_lora, hidden, bias)
+            out[a + "q_a_layernorm.weight"] = (q_lora,)
+            _linear(out, a + "q_b_proj", heads * (nope + rope), q_lora)
+        else:
+            _linear(out, a + "q_proj", heads * (nope + rope), hidden)
+        _linear(out, a + "kv_a_proj_with_mqa", lora + rope, hidden, bias)
+        out[a + "kv_a_layernorm.weight"] = (lora,)
+        _linear(out, a + "kv_b_proj", heads * (nope + vd), lora)
+        _linear(out, a + "o_proj", hidden, heads * vd, bias)
+        if hf["model_type"] == "deepseek_v32":
+            x, d = a + "indexer.", hf["index_head_dim"]
+            _linear(out, x + "wq_b", hf["index_n_heads"] * d, q_lora)
+            _linear(out, x + "wk", d, hidden)
+            out[x + "k_norm.weight"] = out[x + "k_norm.bias"] = (d,)
+            _linear(out, x + "weights_proj", hf["index_n_heads"], hidden)
+        m = p + "mlp."
+        if kinds[i] == "sparse":
+            _linear(out, m + "gate", experts, hidden)
+            out[m + "gate.e_score_correction_bias"] = (experts,)
+            for e in range(experts):
+                _mlp(out, f"{m}experts.{e}.", hidden, moe_ffn)
+            if hf.get("n_shared_experts"):
+                _mlp(out, m + "shared_experts.", hidden, moe_ffn * hf["n_shared_experts"])
+        else:
+            _mlp(out, m, hidden, hf["intermediate_size"])
+    out["model.norm.weight"] = (hidden,)
+    if not hf.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (hf["vocab_size"], hidden)
+    return out
+
+
 def _save_configs(cfg, path: Path) -> None:
     """config.json and generation_config.json as a CausalLM's save_pretrained writes them."""
     from transformers import GenerationConfig
@@ -273,6 +359,9 @@ def write_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
     rng = np.random.default_rng(seed)
     tensors = {name: np.clip(rng.normal(0.0, 0.2 if len(shape) > 1 else 1.0, shape), -1, 1).astype(np.float32)
                for name, shape in hf_tensor_shapes(cfg.to_dict()).items()}
+    for name in tensors:  # DeepSeek's router bias, drawn as save_tiny draws it
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = np.clip(rng.normal(0.0, 0.1, tensors[name].shape), -1, 1).astype(np.float32)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
@@ -362,3 +451,127 @@ def hf_greedy(path_or_model, ids: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              min_new_tokens=max_new_tokens, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def add_mtp_layer(path: Path, family: str, seed: int = 1) -> Path:
+    """Appends one random multi-token-prediction layer to a saved tiny checkpoint (transformers
+    never writes MTP weights) and declares it in config.json: DeepSeek's
+    `model.layers.{N}.*` (a MoE decoder layer, enorm, hnorm, eh_proj, shared_head.norm and
+    copies of the embedding and head) or Qwen's `mtp.*` (fc, pre_fc_norm_embedding /
+    pre_fc_norm_hidden, layers.0 = a full-attention decoder layer, norm). numpy only."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = load_file(path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    n, e = cfg["num_hidden_layers"], cfg["hidden_size"]
+
+    def rand(shape):
+        return (np.clip(rng.normal(0, 0.2, shape), -1, 1) if len(shape) > 1 else rng.normal(0, 1, shape)
+                ).astype(np.float32)
+
+    if family in DEEPSEEK_FAMILIES:
+        src, dst = f"model.layers.{n - 1}.", f"model.layers.{n}."  # the last layer is a MoE layer
+        new = {dst + k[len(src):]: rand(v.shape) for k, v in tensors.items() if k.startswith(src)}
+        new.update({dst + "enorm.weight": rand((e,)), dst + "hnorm.weight": rand((e,)),
+                    dst + "eh_proj.weight": rand((e, 2 * e)), dst + "shared_head.norm.weight": rand((e,)),
+                    dst + "embed_tokens.weight": tensors["model.embed_tokens.weight"],
+                    dst + "shared_head.head.weight": tensors["lm_head.weight"]})
+        cfg["num_nextn_predict_layers"] = 1
+    else:
+        full = cfg["layer_types"].index("full_attention")
+        src = f"model.layers.{full}."
+        new = {"mtp.layers.0." + k[len(src):]: rand(v.shape) for k, v in tensors.items() if k.startswith(src)}
+        new.update({"mtp.fc.weight": rand((e, 2 * e)), "mtp.pre_fc_norm_embedding.weight": rand((e,)),
+                    "mtp.pre_fc_norm_hidden.weight": rand((e,)), "mtp.norm.weight": rand((e,))})
+        cfg["mtp_num_hidden_layers"] = 1
+    save_file({**tensors, **new}, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def mtp_reference_logits(path: Path, family: str, ids: np.ndarray) -> np.ndarray:
+    """The MTP layer's logits at every position i < T - 1 (input: the main model's final hidden
+    state at i and the token at i + 1), recomputed in torch from transformers' own decoder
+    layer, norm and rotary classes -- transformers does not run these checkpoints' MTP layers.
+    Returns [B, T - 1, V]."""
+    import copy
+    import json
+
+    import torch
+    from safetensors.numpy import load_file
+
+    main = hf_model(path)
+    cfg = json.loads((path / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    tensors = load_file(path / "model.safetensors")
+    if family in DEEPSEEK_FAMILIES:
+        prefix = f"model.layers.{n}."
+        names = {"enorm": "enorm", "hnorm": "hnorm", "fc": "eh_proj", "final": "shared_head.norm"}
+    else:
+        prefix = "mtp.layers.0."
+        names = {"enorm": "../pre_fc_norm_embedding", "hnorm": "../pre_fc_norm_hidden", "fc": "../fc",
+                 "final": "../norm"}
+
+    def tensor(name):
+        full = ("mtp." + name[3:]) if name.startswith("../") else prefix + name
+        return torch.from_numpy(tensors[full + ".weight"])
+
+    layer_cfg = copy.deepcopy(main.config)
+    if family in DEEPSEEK_FAMILIES:  # a MoE layer
+        layer_cfg.first_k_dense_replace = 0
+        if getattr(layer_cfg, "mlp_layer_types", None) is not None:
+            layer_cfg.mlp_layer_types = ["sparse"]
+    else:
+        layer_cfg.layer_types = ["full_attention"]
+        if getattr(layer_cfg, "mlp_only_layers", None):
+            layer_cfg.mlp_only_layers = []
+    layer = type(main.model.layers[-1])(layer_cfg, 0).eval()
+    own = {k[len(prefix):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(prefix)
+           and not k[len(prefix):].startswith(("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))}
+    own = _fuse_experts(own)
+    missing, unexpected = layer.load_state_dict(own, strict=False)
+    if unexpected or [m for m in missing if "e_score_correction_bias" not in m]:
+        raise AssertionError(f"MTP reference layer: missing {missing}, unexpected {unexpected}")
+    norm_cls = type(main.model.norm)
+    e = cfg["hidden_size"]
+    norms = {}
+    for key in ("enorm", "hnorm", "final"):
+        norms[key] = norm_cls(e, eps=cfg["rms_norm_eps"]).eval()
+        norms[key].weight.data.copy_(tensor(names[key]))
+    fc = torch.nn.Linear(2 * e, e, bias=False)
+    fc.weight.data.copy_(tensor(names["fc"]))
+    ids_t = torch.tensor(np.asarray(ids), dtype=torch.long)
+    t = ids_t.shape[1] - 1
+    with torch.no_grad():
+        hidden = main.model(ids_t).last_hidden_state[:, :-1]
+        emb = main.model.embed_tokens(ids_t[:, 1:])
+        u = fc(torch.cat([norms["enorm"](emb), norms["hnorm"](hidden)], dim=-1))
+        pos = torch.arange(t)[None].expand(ids_t.shape[0], t)
+        mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+        rope = main.model.rotary_emb(u, pos)
+        out = layer(u, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+        out = out[0] if isinstance(out, tuple) else out
+        return main.lm_head(norms["final"](out)).float().numpy()
+
+
+def _fuse_experts(state: dict) -> dict:
+    """Per-expert tensors as checkpoints store them (`mlp.experts.{e}.gate_proj.weight`, ...)
+    -> the fused `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] of
+    transformers' modules."""
+    import re
+
+    import torch
+
+    per = {}
+    for key in list(state):
+        m = re.fullmatch(r"(.*experts)\.(\d+)\.(gate|up|down)_proj\.weight", key)
+        if m:
+            per.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = state.pop(key)
+    for base, experts in per.items():
+        order = [experts[e] for e in sorted(experts)]
+        state[f"{base}.gate_up_proj"] = torch.stack([torch.cat([x["gate"], x["up"]]) for x in order])
+        state[f"{base}.down_proj"] = torch.stack([x["down"] for x in order])
+    return state

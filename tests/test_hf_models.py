@@ -14,12 +14,14 @@ from safetensors import safe_open
 
 from tests import hf_models
 
-FAMILIES = hf_models.TINY_FAMILIES + hf_models.HYBRID_FAMILIES + ("mistral", "phi3", "glm4", "nemotron_h")
+FAMILIES = (hf_models.TINY_FAMILIES + hf_models.HYBRID_FAMILIES + ("mistral", "phi3", "glm4", "nemotron_h")
+            + hf_models.DEEPSEEK_FAMILIES)
 OVERRIDES = {  # configs other tests ask for
     "llama-12-heads": ("llama", dict(num_attention_heads=12, num_key_value_heads=3, hidden_size=96)),
     "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
     "qwen3_moe-sparse-step": ("qwen3_moe", dict(decoder_sparse_step=2, mlp_only_layers=[2])),
+    "deepseek_v3-no-q-lora": ("deepseek_v3", dict(q_lora_rank=None, attention_bias=True)),
 }
 CASES = {**{f: (f, {}) for f in FAMILIES}, **OVERRIDES}
 

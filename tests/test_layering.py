@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sharding", ("jaxpar.sharding.*",)),
     ("models", ("jaxpar.models.*", "jaxpar.sampling", "jaxpar.stopping")),
     ("assembly", ("jaxpar.assembly",)),
-    ("runtime", ("jaxpar.generate", "jaxpar.pipeline", "jaxpar.engine.*", "jaxpar.checkpoint.*",
+    ("runtime", ("jaxpar.generate", "jaxpar.pipeline", "jaxpar.speculative", "jaxpar.engine.*",
+                 "jaxpar.checkpoint.*",
                  "jaxpar.sharding.inspect")),
     ("api", ("jaxpar.api",)),
     ("training", ("jaxpar.training.*",)),  # fine-tuning loads through jaxpar.api

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpar.engine.errors import EngineError
 from jaxpar.models.cache import Cache, KVCache
+from jaxpar.models.mla import MLACache
 
 
 @struct.dataclass
@@ -111,6 +112,8 @@ def take_row(cache: Cache, row: jax.Array, reorders: tuple) -> Cache:
         one = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, row, 0, keepdims=True), layer)
         if perm is not None and isinstance(one, KVCache):  # slots reordered, scales with them
             one = jax.tree.map(lambda a: a[:, perm], one)
+        elif perm is not None and isinstance(one, MLACache):  # latent slots as KV slots; index keys by position
+            one = one.replace(latent=one.latent[:, perm], k_rope=one.k_rope[:, perm])
         layers.append(one)
     return Cache(layers=tuple(layers), lengths=jax.lax.dynamic_index_in_dim(cache.lengths, row, 0, keepdims=True))
 

@@ -65,8 +65,31 @@ class ParamRead:
 
 
 def hf_name(cfg: ModelConfig, path: ParamPath) -> str:
+    if path[0] == "mtp":
+        return mtp_hf_name(cfg, path)
     dotted = ".".join(str(p) for p in path)
     return dotted if path[0] == "lm_head" else cfg.weight_prefix + dotted
+
+
+# Multi-token-prediction parameters whose checkpoint names differ from their paths
+# (jaxpar.models.mtp): per layout, our module name -> theirs.
+MTP_NAMES = {"deepseek": {"final_norm": "shared_head.norm"},
+             "qwen": {"enorm": "pre_fc_norm_embedding", "hnorm": "pre_fc_norm_hidden", "eh_proj": "fc",
+                      "final_norm": "norm"}}
+
+
+def mtp_hf_name(cfg: ModelConfig, path: ParamPath) -> str:
+    """("mtp", "layers", k, module, ...) -> DeepSeek's model.layers.{num_layers + k}.* or
+    Qwen's mtp.* (whose fc and norms one MTP module shares across its layers)."""
+    k, module, rest = int(path[2]), str(path[3]), ".".join(str(p) for p in path[4:])
+    names = MTP_NAMES.get(cfg.mtp_layout)
+    if names is None:
+        raise CheckpointError(f"{cfg.model_type}: unknown multi-token-prediction layout {cfg.mtp_layout!r}")
+    if cfg.mtp_layout == "deepseek":
+        return f"{cfg.weight_prefix}layers.{cfg.num_layers + k}.{names.get(module, module)}.{rest}"
+    if module in names:
+        return f"mtp.{names[module]}.{rest}"
+    return f"mtp.layers.{k}.{module}.{rest}"
 
 
 def read_block(source: TensorSource, name: str, layout, our_shape: tuple[int, ...],

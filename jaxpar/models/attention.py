@@ -21,7 +21,7 @@ from jaxpar.models.linear import Linear, row_parallel_scatter
 from jaxpar.models.norms import RMSNorm
 from jaxpar.models.options import RuntimeOptions
 from jaxpar.models.params import LINEAR
-from jaxpar.models.rope import apply_rope, inverse_frequencies
+from jaxpar.models.rope import apply_rope, attention_scaling, inverse_frequencies
 from jaxpar.sharding.axis_rules import AxisRules
 
 Q_AXES = ("batch", "seq", "q_heads", "head_dim")
@@ -61,6 +61,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.inv_freq = tuple(inverse_frequencies(cfg.rope, d).tolist()) if cfg.use_rope else None
+        self.rope_scale = attention_scaling(cfg.rope)
         self.rope_interleaved = cfg.rope_interleaved
         self.window = cfg.sliding_window or None
         self.head_dim = d
@@ -81,8 +82,8 @@ class Attention(nnx.Module):
             # Pin positions to this block's batch layout, so the rotary tables XLA shares
             # across layers are not re-gathered per layer when layouts differ.
             positions = self.rules.constrain(positions, ("batch", "seq"))
-            q = apply_rope(q, positions, inv_freq, interleaved=self.rope_interleaved)
-            k = apply_rope(k, positions, inv_freq, interleaved=self.rope_interleaved)
+            q = apply_rope(q, positions, inv_freq, self.rope_scale, interleaved=self.rope_interleaved)
+            k = apply_rope(k, positions, inv_freq, self.rope_scale, interleaved=self.rope_interleaved)
         return (self.rules.constrain(q, Q_AXES), self.rules.constrain(k, KV_AXES),
                 self.rules.constrain(v, KV_AXES), gate)
 

@@ -120,4 +120,6 @@ class Cache:
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 return layer.k.shape[1]
+            if hasattr(layer, "latent"):  # MLA (jaxpar.models.mla.MLACache)
+                return layer.latent.shape[1]
         raise ValueError("cache has no attention layer")

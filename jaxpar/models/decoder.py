@@ -55,42 +55,54 @@ class LMHead(nnx.Module):
         self.weight = param((hidden, vocab), ("embed", "vocab"), dtype, LINEAR)
 
 
-def _mixer(cfg: ModelConfig, index: int, dtype, rules, options):
-    if cfg.layer_types[index] == ATTENTION:
-        return Attention(cfg, dtype, rules, options)
-    if cfg.layer_types[index] == LINEAR_ATTENTION:
-        return GatedDeltaNet(cfg, dtype, rules, options)
-    if cfg.layer_types[index] == MAMBA:
-        return Mamba2Mixer(cfg, dtype, rules, options)
-    raise ValueError(f"layer {index}: unknown mixer kind {cfg.layer_types[index]!r}")
+def _mixer(cfg: ModelConfig, kind: str, index, dtype, sharding: LayerSharding, options):
+    if kind == ATTENTION and cfg.attention_flavor == "mla":  # DeepSeek-V3 / V3.2
+        from jaxpar.models.mla import MLAttention
+
+        return MLAttention(cfg, dtype, sharding.mixer, options, sharding.indexer)
+    if kind == ATTENTION:
+        return Attention(cfg, dtype, sharding.mixer, options)
+    if kind == LINEAR_ATTENTION:
+        return GatedDeltaNet(cfg, dtype, sharding.mixer, options)
+    if kind == MAMBA:
+        return Mamba2Mixer(cfg, dtype, sharding.mixer, options)
+    raise ValueError(f"layer {index}: unknown mixer kind {kind!r}")
 
 
-def _ffn(cfg: ModelConfig, index: int, dtype, rules):
-    if cfg.mlp_types[index] == MLP_KIND:
+def _ffn(cfg: ModelConfig, kind: str, index, dtype, rules):
+    if kind == MLP_KIND:
         return MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rules, bias=cfg.mlp_bias,
                    activation=cfg.mlp_activation, fused_gate_up=cfg.fused_gate_up)
-    if cfg.mlp_types[index] == MOE:
+    if kind == MOE and cfg.moe_router == "sigmoid_grouped":  # DeepSeek-V3 / V3.2
+        from jaxpar.models.deepseek_moe import DeepseekMoE
+
+        return DeepseekMoE(cfg, dtype, rules)
+    if kind == MOE:
         from jaxpar.models.moe import SparseMoE
 
         return SparseMoE(cfg, dtype, rules)
-    raise ValueError(f"layer {index}: unknown feed-forward kind {cfg.mlp_types[index]!r}")
+    raise ValueError(f"layer {index}: unknown feed-forward kind {kind!r}")
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, index: int, dtype, sharding: LayerSharding,
-                 options: RuntimeOptions):
+    """`kinds` = (mixer kind, feed-forward kind), by default the config's for layer `index`
+    (multi-token-prediction layers give their own)."""
+
+    def __init__(self, cfg: ModelConfig, index, dtype, sharding: LayerSharding,
+                 options: RuntimeOptions, kinds: tuple[str, str] | None = None):
+        mixer_kind, ffn_kind = kinds or (cfg.layer_types[index], cfg.mlp_types[index])
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, zero_centred=cfg.zero_centred_norm)
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         # Attribute names follow HF so parameter paths are the checkpoint's names.
-        mixer = _mixer(cfg, index, dtype, sharding.mixer, options)
-        self.is_attention = cfg.layer_types[index] == ATTENTION
+        mixer = _mixer(cfg, mixer_kind, index, dtype, sharding, options)
+        self.is_attention = mixer_kind == ATTENTION
         if self.is_attention:
             self.self_attn = mixer
         else:
             self.linear_attn = mixer
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = _ffn(cfg, index, dtype, sharding.ffn)
+        self.mlp = _ffn(cfg, ffn_kind, index, dtype, sharding.ffn)
         # GLM-4 normalises each block's output before its residual add.
         if cfg.post_block_norms:
             self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, **norm)
@@ -99,8 +111,8 @@ class DecoderLayer(nnx.Module):
             self.post_self_attn_layernorm = self.post_mlp_layernorm = None
         self.sharding = sharding
         # Rematerialised in the backward pass (training): the mixer and / or the ffn.
-        self.remat_mixer = cfg.layer_types[index] in options.remat
-        self.remat_ffn = cfg.mlp_types[index] in options.remat
+        self.remat_mixer = mixer_kind in options.remat
+        self.remat_ffn = ffn_kind in options.remat
 
     def __call__(self, x, positions, cache, lengths, *, mode: str):
         residual = DECODE_RESIDUAL if mode == "decode" else PREFILL_RESIDUAL
@@ -144,10 +156,10 @@ class SingleBlockLayer(nnx.Module):
                             zero_centred=cfg.zero_centred_norm)
         if cfg.layer_types[index] != NO_BLOCK:
             self.kind = cfg.layer_types[index]
-            self.mixer = _mixer(cfg, index, dtype, sharding.mixer, options)
+            self.mixer = _mixer(cfg, self.kind, index, dtype, sharding, options)
         else:
             self.kind = cfg.mlp_types[index]
-            self.mixer = _ffn(cfg, index, dtype, sharding.ffn)
+            self.mixer = _ffn(cfg, self.kind, index, dtype, sharding.ffn)
         self.rules = sharding.mixer
         self.remat = self.kind in options.remat  # rematerialised in the backward pass (training)
 
@@ -205,13 +217,16 @@ class CausalLM(nnx.Module):
         return self.sharding.head.constrain(logits, ("residual_batch",) + (None,) * (h.ndim - 2) + ("vocab",))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None,
-                 lengths: jax.Array, *, mode: str = "prefill", last_only: bool = False):
+                 lengths: jax.Array, *, mode: str = "prefill", last_only: bool = False,
+                 return_hidden: bool = False):
         """tokens, positions: [B, T]; `lengths` [B]: valid (right-padded) tokens per row.
 
         mode "prefill" starts sequences (cache empty or None), "extend" continues the
         cached ones (chunked prefill, positions = cache.lengths + t), "decode" feeds one
         token (T == 1). Returns (logits, new cache). `last_only` returns logits of each
-        row's last valid token [B, V] instead of all positions [B, T, V].
+        row's last valid token [B, V] instead of all positions [B, T, V]. `return_hidden`
+        also returns the final-normalised hidden states [B, T, E] (what multi-token
+        prediction layers read): (logits, cache, hidden).
 
         A pipeline stage without the embedding takes the previous stage's hidden states
         [B, T, E] as `tokens`; one without the head returns its hidden states [B, T, E]
@@ -232,9 +247,10 @@ class CausalLM(nnx.Module):
         new_cache = None if cache is None else Cache(layers=tuple(new_layers), lengths=cache.lengths + lengths)
         if not self.has_head:
             return x, new_cache
-        if last_only:
-            x = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return self.logits(self.norm(x)), new_cache
+        hidden = self.norm(x)
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0] if last_only else hidden
+        logits = self.logits(last)
+        return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
 
 
 def _cache_dtypes(dtype, state_dtype) -> CacheDtypes:
@@ -246,35 +262,52 @@ def _cache_dtypes(dtype, state_dtype) -> CacheDtypes:
 def cache_shapes(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,
                  dtype, state_dtype=None) -> Cache:
     """The cache's abstract layout: ShapeDtypeStructs carrying their shardings. Attention
-    layers get a KV cache of `max_len` slots; GDN and Mamba2 layers their conv and
-    recurrent states; layers without a mixer (Nemotron-H's MLP layers) nothing. A pipeline
-    stage's cache holds its own layers only, in order. `dtype`: a `CacheDtypes`, or one
-    dtype for KV and conv states (recurrent state in `state_dtype`, float32 by default).
-    An fp8 KV cache adds its per-slot scales, sharded like the cache without the head dim."""
+    layers get a KV cache of `max_len` slots (MLA: its latent cache); GDN and Mamba2 layers
+    their conv and recurrent states; layers without a mixer (Nemotron-H's MLP layers)
+    nothing. A pipeline stage's cache holds its own layers only, in order. `dtype`: a
+    `CacheDtypes`, or one dtype for KV and conv states (recurrent state in `state_dtype`,
+    float32 by default). An fp8 KV cache adds its per-slot scales, sharded like the cache
+    without the head dim."""
     dtypes = _cache_dtypes(dtype, state_dtype)
-    layers = []
-    for i in sharding.owned_layers:
-        kind = cfg.layer_types[i]
-        rules = sharding.layers[i].mixer
-        if kind == ATTENTION:
-            shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-            kv = jax.ShapeDtypeStruct(shape, dtypes.kv, sharding=rules.sharding(KVCache.LOGICAL_AXES))
-            scale = None
-            if dtypes.kv_scaled:
-                scale = jax.ShapeDtypeStruct(shape[:3], SCALE_DTYPE,
-                                             sharding=rules.sharding(KVCache.SCALE_AXES))
-            layers.append(KVCache(k=kv, v=kv, k_scale=scale, v_scale=scale))
-        elif kind == NO_BLOCK:
-            layers.append(None)
-        else:
-            shapes = mamba_cache_shapes if kind == MAMBA else gdn_cache_shapes
-            spec = shapes(cfg, batch, dtypes.conv, dtypes.state)
-            layers.append(jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s[0], s[1], sharding=rules.sharding(s[2])), spec,
-                is_leaf=lambda n: isinstance(n, tuple)))
+    layers = [layer_cache_shapes(cfg, cfg.layer_types[i], sharding.layers[i], batch, max_len, dtypes)
+              for i in sharding.owned_layers]
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32,
                                    sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     return Cache(layers=tuple(layers), lengths=lengths)
+
+
+def _placed(spec, rules):
+    """(shape, dtype, logical axes) leaves -> ShapeDtypeStructs sharded by `rules`."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], s[1], sharding=rules.sharding(s[2])), spec,
+                        is_leaf=lambda n: isinstance(n, tuple) and len(n) == 3 and isinstance(n[0], tuple))
+
+
+def layer_cache_shapes(cfg: ModelConfig, kind: str, sharding: LayerSharding, batch: int, max_len: int,
+                       dtype, state_dtype=None):
+    """One layer's cache layout (mixer `kind`), sharded by the layer's blocks' rules; `dtype`
+    as in `cache_shapes`."""
+    dtypes = _cache_dtypes(dtype, state_dtype)
+    rules = sharding.mixer
+    if kind == ATTENTION and cfg.attention_flavor == "mla":  # latent cache (+ indexer keys)
+        from jaxpar.models.mla import MLACache, mla_cache_shapes
+
+        if dtypes.kv_scaled:
+            raise ValueError(f"{cfg.model_type}: an fp8 cache is not supported for MLA's latent cache; "
+                             "use a bfloat16 or float32 cache dtype")
+        spec = mla_cache_shapes(cfg, batch, max_len, dtypes.kv)
+        index_k = _placed(spec.index_k, sharding.indexer) if spec.index_k is not None else None
+        return MLACache(latent=_placed(spec.latent, rules), k_rope=_placed(spec.k_rope, rules), index_k=index_k)
+    if kind == ATTENTION:
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        kv = jax.ShapeDtypeStruct(shape, dtypes.kv, sharding=rules.sharding(KVCache.LOGICAL_AXES))
+        scale = None
+        if dtypes.kv_scaled:
+            scale = jax.ShapeDtypeStruct(shape[:3], SCALE_DTYPE, sharding=rules.sharding(KVCache.SCALE_AXES))
+        return KVCache(k=kv, v=kv, k_scale=scale, v_scale=scale)
+    if kind == NO_BLOCK:
+        return None
+    shapes = mamba_cache_shapes if kind == MAMBA else gdn_cache_shapes
+    return _placed(shapes(cfg, batch, dtypes.conv, dtypes.state), rules)
 
 
 def init_cache(cfg: ModelConfig, sharding: ModelSharding, batch: int, max_len: int,

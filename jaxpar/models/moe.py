@@ -152,6 +152,14 @@ class SparseMoE(nnx.Module):
             top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
         return top_w.astype(x.dtype), top_i.astype(jnp.int32)
 
+    def add_shared(self, x: jax.Array, y: jax.Array, *, scatter_seq: bool) -> jax.Array:
+        """y + the shared expert's output for x (gated by sigmoid(x @ w_shared_gate)), split on
+        the sequence like y when `scatter_seq`. Subclasses with other shared experts override it."""
+        if self.shared_expert is None:
+            return y
+        shared = self.shared_expert(x, scatter_seq=scatter_seq)
+        return y + jax.nn.sigmoid(self.shared_expert_gate(x)) * shared
+
     def grouped_matmul_body(self) -> str:
         return self.grouped_body or default_body(self.rules.mesh.devices.flat[0].platform)
 
@@ -225,8 +233,6 @@ class SparseMoE(nnx.Module):
                           rules.spec(OUT_AXES)),
                 out_specs=out_spec, check_vma=False,
             )(x, sel, wts, *weights)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x, scatter_seq=bool(scatter_axes))
-            y = y + jax.nn.sigmoid(self.shared_expert_gate(x)) * shared
+        y = self.add_shared(x, y, scatter_seq=bool(scatter_axes))
         out_axes = ("batch", "residual_seq", "embed") if scatter_axes else ("batch", "seq", "embed")
         return rules.constrain(y, out_axes)

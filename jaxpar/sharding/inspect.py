@@ -97,6 +97,11 @@ class PlanReport:
     # "kv" (keys / values), "kv_scales" (fp8 only), "state" (GDN conv and recurrent states).
     cache_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
     cache_bytes_by_part: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Attention cache bytes per token of one sequence, all layers, unsharded: as cached, and
+    # in a full per-head K/V layout (they differ for MLA, which caches a latent).
+    kv_bytes_per_token: int = 0
+    full_kv_bytes_per_token: int = 0
+    kv_layout: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +138,12 @@ class PlanReport:
             lines.append(f"{path:52s} {str(p.shape):>18s} {p.spec:34s} {p.bytes_per_device:>13,d}")
         lines += ["", f"parameters per device: {self.param_bytes_per_device:,d} bytes",
                   f"cache per device:      {self.cache_bytes_per_device:,d} bytes ({self._cache_detail()})"]
+        if self.kv_bytes_per_token:
+            line = f"KV cache per token:    {self.kv_bytes_per_token:,d} bytes ({self.kv_layout})"
+            if self.full_kv_bytes_per_token != self.kv_bytes_per_token:
+                line += (f"; full per-head K/V would be {self.full_kv_bytes_per_token:,d} bytes "
+                         f"({self.full_kv_bytes_per_token / self.kv_bytes_per_token:.1f}x)")
+            lines.append(line)
         for name, stats in (("prefill", self.prefill_collectives), ("decode", self.decode_collectives)):
             summary = ", ".join(f"{k} x{v.count} ({v.bytes:,d} B)" for k, v in sorted(stats.items())) or "none"
             lines.append(f"collectives per {name} step: {summary}")
@@ -148,6 +159,22 @@ class PlanReport:
         if "state" in self.cache_dtypes:
             parts.append(f"GDN states {n.get('state', 0):,d} (recurrent {self.cache_dtypes['state']})")
         return "; ".join(parts)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype) -> tuple[int, int, str]:
+    """(cached bytes, full per-head K/V bytes, description) per token over the attention
+    layers. MLA caches the latent and the rope key (plus DeepSeek-V3.2's indexer key) where
+    a full layout would keep every head's key (qk_nope + qk_rope dims) and value."""
+    size = jnp.dtype(dtype).itemsize
+    n = sum(kind == ATTENTION for kind in cfg.layer_types)
+    if cfg.attention_flavor == "mla":
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)
+        full = cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+        what = f"MLA: {n} layers x (latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim}"
+        what += f" + indexer key {cfg.index_head_dim})" if cfg.has_indexer else ")"
+        return n * latent * size, n * full * size, what
+    per = 2 * cfg.num_kv_heads * cfg.head_dim
+    return n * per * size, n * per * size, f"{n} layers x 2 x {cfg.num_kv_heads} KV heads x {cfg.head_dim}"
 
 
 def _bytes_per_device(aval: jax.ShapeDtypeStruct) -> int:
@@ -313,12 +340,14 @@ def plan_report(cfg: ModelConfig, sharding: ModelSharding | PipelineSharding, *,
         used["state"] = str(jnp.dtype(cache_dtypes.state))
     blocks = [BlockReport(p.block, p.kind, p.layer, p.rule, p.describe()) for p in sharding.plans]
     pre, dec = step_collectives(cfg, sharding, dtype, batch, seq, cache_dtypes=cache_dtypes) if collectives else ({}, {})
+    kv_tok, full_tok, kv_layout = kv_bytes_per_token(cfg, cache_dtypes.kv)
     return PlanReport(policy=sharding.table_name, mesh=dict(sharding.mesh.shape), batch=batch, seq=seq,
                       blocks=blocks, params=params,
                       param_bytes_per_device=sum(p.bytes_per_device for p in params),
                       cache_bytes_per_device=cache_bytes, prefill_collectives=pre,
                       decode_collectives=dec, rule_warnings=list(sharding.rule_warnings),
-                      cache_dtypes=used, cache_bytes_by_part=_cache_bytes_by_part(cache))
+                      cache_dtypes=used, cache_bytes_by_part=_cache_bytes_by_part(cache),
+                      kv_bytes_per_token=kv_tok, full_kv_bytes_per_token=full_tok, kv_layout=kv_layout)
 
 
 def plan(model: str | Path, policy=None, *, batch: int = 1, seq: int = 128, dtype: str = "bfloat16",

@@ -23,6 +23,8 @@ from jaxpar.sharding.axis_rules import AxisRules
 class LayerSharding:
     mixer: AxisRules  # attention / linear attention block
     ffn: AxisRules  # MLP / MoE block
+    indexer: AxisRules | None = None  # DeepSeek-V3.2's lightning indexer (its own block)
+    proj: AxisRules | None = None  # an MTP layer's input projection (eh_proj / fc) and norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +44,13 @@ class ModelSharding:
     # Pipeline stage this sharding is (0 of 1 without pipeline parallelism).
     stage: int = 0
     num_stages: int = 1
+    # Multi-token-prediction layers (blocks `mtp.layers.{k}.*`).
+    mtp: tuple[LayerSharding, ...] = ()
 
     def _all_rules(self):
-        for layer in self.layers:
+        for layer in self.layers + self.mtp:
             if layer is not None:
-                yield layer.mixer
-                yield layer.ffn
+                yield from (r for r in (layer.mixer, layer.ffn, layer.indexer, layer.proj) if r is not None)
         if self.embed is not None:
             yield self.embed
         if self.head is not None:
@@ -76,7 +79,9 @@ class ModelSharding:
             layer = self.layers[int(path[1])]
             if layer is None:
                 raise KeyError(f"layer {path[1]} is not held by pipeline stage {self.stage}")
-            return layer.ffn if path[2] == "mlp" else layer.mixer
+            return _layer_rules(layer, path[2:])
+        if path[0] == "mtp":  # ("mtp", "layers", k, ...)
+            return _layer_rules(self.mtp[int(path[2])], path[3:])
         if path[0] == "embed_tokens" and self.embed is not None:
             return self.embed
         # The head, the final norm (replicated under any rules) and a tied copy.
@@ -130,3 +135,14 @@ class PipelineSharding:
             ids = [d.id for d in stage.mesh.devices.flat]
             parts.append(f"stage {s}: layers {r.start}-{r.stop - 1} on devices {min(ids)}-{max(ids)}")
         return "; ".join(parts)
+
+
+def _layer_rules(layer: LayerSharding, rest: tuple) -> AxisRules:
+    """rest: the path inside one decoder layer, e.g. ("self_attn", "indexer", "wk", "weight")."""
+    if rest[0] == "mlp":
+        return layer.ffn
+    if rest[0] == "self_attn" and len(rest) > 1 and rest[1] == "indexer" and layer.indexer is not None:
+        return layer.indexer
+    if rest[0] in ("self_attn", "linear_attn") or layer.proj is None:
+        return layer.mixer
+    return layer.proj

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import jax
 
-from jaxpar.config import ATTENTION, NO_BLOCK, ModelConfig
+from jaxpar.config import ATTENTION, MLP, MOE, NO_BLOCK, ModelConfig
 from jaxpar.sharding.axis_rules import AxisRules, MeshAxes
 from jaxpar.sharding.mesh import Group, build_mesh
 from jaxpar.sharding.model_sharding import LayerSharding, ModelSharding, PipelineSharding
@@ -40,6 +40,8 @@ KIND_FEATURES = {
     "moe": ("tp_size", "ep_size", "sp"),
     "embed": ("tp_size",),
     "lm_head": ("tp_size",),
+    "indexer": ("tp_size",),
+    "mtp": ("tp_size",),
 }
 # Block kinds per architecture: a rule on a kind the architecture lacks is an error.
 # (Norms have no plan of their own: they follow the residual stream, replicated or, under
@@ -62,7 +64,17 @@ ARCH_KINDS = {
     "phi3": _DENSE,
     "glm4": _DENSE,
     "nemotron_h": ("attention", "mamba", "mlp", "embed", "lm_head"),
+    "deepseek_v3": _DENSE + ("moe",),
+    "deepseek_v32": _DENSE + ("moe", "indexer"),
 }
+
+
+def arch_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+    """The block kinds of this model: its architecture's, plus `mtp` when it has MTP layers."""
+    kinds = ARCH_KINDS.get(cfg.model_type)
+    if kinds is None:
+        raise RuleTableError(f"no sharding whitelist for model_type {cfg.model_type!r}")
+    return kinds + (("mtp",) if cfg.mtp_num_layers else ())
 
 
 class RuleTableWarning(UserWarning):
@@ -80,10 +92,15 @@ class LayerPlan:
     dp_size: int = 1
     ep_size: int = 1
     sp: bool = False
+    flavor: str | None = None  # attention only: gqa / gated / mla
 
     @property
     def devices(self) -> int:
-        """Devices one copy of the block runs on (the rest of the tp devices replicate it)."""
+        """Devices one copy of the block runs on (the rest of the tp devices replicate it).
+        MLA: the latent cache has one KV head, so its dcp ranks are carved out of the heads'
+        devices (one of tp_size / dcp_size divides the other), not added beside them."""
+        if self.flavor == "mla":
+            return max(self.tp_size, self.dcp_size) * self.dp_size
         return self.tp_size * self.dcp_size * self.dp_size
 
     @property
@@ -95,6 +112,15 @@ class LayerPlan:
         """The logical device groups of the plan, for the mesh (`jaxpar.sharding.mesh`).
         MoE: `ep` groups of experts, each spanning `tp_size / ep_size` devices ("tp")."""
         labels = labels or {}
+        if self.flavor == "mla":
+            # "shared": devices splitting both the heads and the latent cache; "tp" / "dcp":
+            # the rest of the bigger of the two groups.
+            shared = min(self.tp_size, self.dcp_size)
+            gs = [Group("dp", self.dp_size, labels.get("dp_size")),
+                  Group("tp", self.tp_size // shared, labels.get("tp_size") if shared == 1 else None),
+                  Group("dcp", self.dcp_size // shared, labels.get("dcp_size") if shared == 1 else None),
+                  Group("shared", shared, labels.get("dcp_size"))]
+            return tuple(g for g in gs if g.size > 1)
         if self.kind == "moe":
             inner_label = labels.get("tp_size") if self.ep_size == 1 else None
             gs = [Group("ep", self.ep_size, labels.get("ep_size")), Group("tp", self.expert_tp, inner_label)]
@@ -133,10 +159,32 @@ def model_blocks(cfg: ModelConfig) -> list[Block]:
             continue
         mixer = "self_attn" if cfg.layer_types[i] == ATTENTION else "linear_attn"
         blocks.append(Block(f"{prefix}layers.{i}.{mixer}", cfg.layer_types[i], i))
+        if cfg.has_indexer and cfg.layer_types[i] == ATTENTION:
+            blocks.append(Block(f"{prefix}layers.{i}.{mixer}.indexer", "indexer", i))
         blocks.append(Block(f"{prefix}layers.{i}.mlp", cfg.mlp_types[i], i))
+    blocks.extend(mtp_blocks(cfg))
     blocks.append(Block("lm_head", "lm_head", None))
     return blocks
 
+
+def mtp_blocks(cfg: ModelConfig) -> list[Block]:
+    """Blocks of the multi-token-prediction layers, named `mtp.layers.{k}.*` whatever the
+    checkpoint calls them (DeepSeek stores them as model.layers.{num_layers + k}), so that
+    one `prefix_pattern: "mtp*"` rule reaches them; they have no layer index."""
+    blocks = []
+    for k in range(cfg.mtp_num_layers):
+        base = f"mtp.layers.{k}"
+        blocks.append(Block(base, "mtp", None))
+        blocks.append(Block(f"{base}.self_attn", ATTENTION, None))
+        if cfg.has_indexer:
+            blocks.append(Block(f"{base}.self_attn.indexer", "indexer", None))
+        blocks.append(Block(f"{base}.mlp", mtp_ffn_kind(cfg), None))
+    return blocks
+
+
+def mtp_ffn_kind(cfg: ModelConfig) -> str:
+    """MTP layers are MoE in MoE models (DeepSeek-V3, Qwen3-Next), dense otherwise."""
+    return MOE if cfg.num_experts else MLP
 
 def _flavor(cfg: ModelConfig, block: Block) -> str | None:
     return cfg.attention_flavor if block.kind == ATTENTION else None
@@ -162,7 +210,14 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
                              f"(tp_size={plan.tp_size}, dcp_size={plan.dcp_size}, dp_size={plan.dp_size}), "
                              f"which does not divide the {runs_on}")
     t = plan.tp_size
-    if block.kind == "attention":
+    if block.kind == "attention" and plan.flavor == "mla":
+        if cfg.num_heads % t:
+            raise RuleTableError(f"{where}: num_attention_heads={cfg.num_heads} is not divisible by tp_size={t}")
+        d = plan.dcp_size
+        if max(t, d) % min(t, d):
+            raise RuleTableError(f"{where}: MLA keeps one latent KV head, so its dcp ranks are taken from the "
+                                 f"heads' devices: one of tp_size={t} and dcp_size={d} must divide the other")
+    elif block.kind == "attention":
         if cfg.num_heads % t:
             raise RuleTableError(f"{where}: num_attention_heads={cfg.num_heads} is not divisible by tp_size={t}")
         kv = cfg.num_kv_heads
@@ -201,15 +256,21 @@ def _check(cfg: ModelConfig, plan: LayerPlan, rule: Rule | None, block: Block, t
         if shared and shared % t:
             raise RuleTableError(f"{where}: shared_expert_intermediate_size={shared} is not divisible by "
                                  f"tp_size={t} (the shared expert is a TP MLP over the block's devices)")
+    elif block.kind == "indexer":
+        if cfg.index_n_heads % t:
+            raise RuleTableError(f"{where}: index_n_heads={cfg.index_n_heads} is not divisible by tp_size={t} "
+                                 "(the indexer splits its heads; tp_size: 1 replicates it)")
+    elif block.kind == "mtp":
+        if (2 * cfg.hidden_size) % t:
+            raise RuleTableError(f"{where}: the MTP projection's input of 2 * hidden_size = {2 * cfg.hidden_size} "
+                                 f"is not divisible by tp_size={t}")
     elif block.kind in ("embed", "lm_head"):
         if cfg.vocab_size % t:
             raise RuleTableError(f"{where}: vocab_size={cfg.vocab_size} is not divisible by tp_size={t}")
 
 
 def _check_rules_fit_architecture(table: RuleTable, cfg: ModelConfig) -> None:
-    kinds = ARCH_KINDS.get(cfg.model_type)
-    if kinds is None:
-        raise RuleTableError(f"no sharding whitelist for model_type {cfg.model_type!r}")
+    kinds = arch_kinds(cfg)
     for rule in table.rules:
         k = rule.match.kind
         if k == "norm":
@@ -264,13 +325,20 @@ def resolve_plans(table: RuleTable, cfg: ModelConfig,
     for block in model_blocks(cfg):
         rule = table.first_match(kind=block.kind, prefix=block.prefix, layer=block.layer,
                                  flavor=_flavor(cfg, block))
+        flavor = _flavor(cfg, block)
         if rule is None:
-            plan = LayerPlan(block.prefix, block.kind, block.layer, None, tp_size=tp)
+            plan = LayerPlan(block.prefix, block.kind, block.layer, None, tp_size=tp, flavor=flavor)
         else:
             p = rule.plan
-            tp_size = p.tp_size if p.tp_size is not None else max(tp // (p.dcp_size * p.dp_size), 1)
+            if p.tp_size is not None:
+                tp_size = p.tp_size
+            elif flavor == "mla":  # the dcp ranks are among the heads' devices
+                tp_size = max(tp // p.dp_size, 1)
+            else:
+                tp_size = max(tp // (p.dcp_size * p.dp_size), 1)
             plan = LayerPlan(block.prefix, block.kind, block.layer, rule.index, tp_size=tp_size,
-                             dcp_size=p.dcp_size, dp_size=p.dp_size, ep_size=p.ep_size, sp=p.sp)
+                             dcp_size=p.dcp_size, dp_size=p.dp_size, ep_size=p.ep_size, sp=p.sp,
+                             flavor=flavor)
         _check(cfg, plan, rule, block, tp, _stage_note(partition, block))
         plans.append(plan)
     return plans
@@ -371,7 +439,14 @@ def _model_sharding(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPla
         r = {"batch": batch, "residual_batch": ("dp",)}
         if plan.sp:
             r["residual_seq"] = layout.tp_axes
-        if plan.kind == "attention":
+        if plan.kind == "attention" and plan.flavor == "mla":
+            # Heads over the tp and shared axes (shared last: gathering the queries over the
+            # shared axes yields contiguous heads), the latent cache over the dcp and shared axes.
+            shared = axes.get("shared", ())
+            r["q_heads"] = tp_axes + shared
+            r["cache_seq"] = axes.get("dcp", ()) + shared
+            r["mla_shared"] = shared
+        elif plan.kind == "attention":
             r["q_heads"] = tp_axes
             r["kv_heads"] = _kv_axes(cfg.num_kv_heads, plan.tp_size, tp_axes, mesh)
             r["cache_seq"] = axes.get("dcp", ())
@@ -394,6 +469,10 @@ def _model_sharding(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPla
             r["ffn"] = in_mesh_order(axes.get("ep", ()), tp_axes)
         elif plan.kind in ("embed", "lm_head"):
             r["vocab"] = tp_axes
+        elif plan.kind == "indexer":
+            r["index_heads"] = tp_axes
+        elif plan.kind == "mtp":
+            r["mtp_in"] = tp_axes
         return AxisRules(mesh, tuple(r.items()))
 
     by_block = {p.block: rules(p, g) for p, g in labelled}
@@ -403,12 +482,19 @@ def _model_sharding(table: RuleTable, cfg: ModelConfig, plans: Sequence[LayerPla
         own = [p for p in plans if p.layer == i]
         mixer = next((p for p in own if p.kind == cfg.layer_types[i]), own[0])
         ffn = next((p for p in own if p.kind == cfg.mlp_types[i]), own[-1])
-        layers.append(LayerSharding(mixer=by_block[mixer.block], ffn=by_block[ffn.block]))
+        indexer = next((p for p in own if p.kind == "indexer"), None)
+        layers.append(LayerSharding(mixer=by_block[mixer.block], ffn=by_block[ffn.block],
+                                    indexer=by_block[indexer.block] if indexer else None))
+    mtp = []
+    for k in range(cfg.mtp_num_layers):
+        base = f"mtp.layers.{k}"
+        mtp.append(LayerSharding(mixer=by_block[f"{base}.self_attn"], ffn=by_block[f"{base}.mlp"],
+                                 indexer=by_block.get(f"{base}.self_attn.indexer"), proj=by_block[base]))
     embed = next(p for p in plans if p.kind == "embed")
     head = next(p for p in plans if p.kind == "lm_head")
     return ModelSharding(mesh=mesh, layers=tuple(layers), embed=by_block[embed.block],
                          head=by_block[head.block], plans=tuple(plans), table_name=table.name,
-                         rule_warnings=notes)
+                         rule_warnings=notes, mtp=tuple(mtp))
 
 
 def plain_tp(cfg: ModelConfig, mesh_or_devices: jax.sharding.Mesh | Sequence[jax.Device] | None = None

@@ -28,7 +28,9 @@ from typing import Any, Mapping
 import yaml
 
 AXIS_NAMES = ("tp", "attn_tp", "dcp", "ep", "dp", "pp")
-KINDS = ("attention", "linear_attention", "mamba", "mlp", "moe", "embed", "lm_head", "norm")
+KINDS = ("attention", "linear_attention", "mamba", "mlp", "moe", "embed", "lm_head", "norm",
+         # DeepSeek-V3.2's lightning indexer; a multi-token-prediction layer's input projection
+         "indexer", "mtp")
 ATTENTION_FLAVORS = ("gqa", "gated", "mla")
 MATCH_KEYS = ("kind", "attention_flavor", "prefix_pattern", "layers")
 PLAN_KEYS = ("tp_size", "dcp_size", "dp_size", "ep_size", "sp")
