@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jaxpar
@@ -16,6 +15,7 @@ from jaxpar.assembly import make_sharding
 from jaxpar.models.decoder import init_cache
 from jaxpar.sharding.rules import RuleTableError
 from tests import hf_models
+from tests.family_checks import run_modes
 
 FAMILIES = list(hf_models.HYBRID_FAMILIES)
 
@@ -55,41 +55,12 @@ def test_prefill_logits_match_hf(family, loaded, hf_refs):
     np.testing.assert_allclose(loaded(family).logits(IDS), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def _run_modes(model, ids, prompt_len, chunks=()):
-    """Prefill ids[:, :prompt_len], then `chunks` extend steps (chunked prefill), then decode
-    the rest one token at a time; returns logits at every fed position after the prompt."""
-    g = model._generator
-
-    @jax.jit
-    def step(state, tokens, positions, lengths, cache, mode):
-        return nnx.merge(g.graphdef, state)(tokens, positions, cache, lengths, mode=mode, last_only=False)
-
-    step = jax.jit(step.__wrapped__, static_argnums=5)
-    b = ids.shape[0]
-    cache = init_cache(model.cfg, model.sharding, b, 32, model.dtype)
-    pos = jnp.broadcast_to(jnp.arange(prompt_len), (b, prompt_len))
-    logits, cache = step(g.state, ids[:, :prompt_len], pos, jnp.full((b,), prompt_len), cache, "prefill")
-    out = [np.asarray(logits)]
-    t = prompt_len
-    for n in chunks:
-        pos = t + jnp.broadcast_to(jnp.arange(n), (b, n))
-        logits, cache = step(g.state, ids[:, t: t + n], pos, jnp.full((b,), n), cache, "extend")
-        out.append(np.asarray(logits))
-        t += n
-    while t < ids.shape[1]:
-        logits, cache = step(g.state, ids[:, t: t + 1], jnp.full((b, 1), t), jnp.ones((b,), jnp.int32),
-                             cache, "decode")
-        out.append(np.asarray(logits))
-        t += 1
-    return np.concatenate(out, axis=1)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_extend_and_decode_equal_full_forward(family, loaded):
     model = loaded(family)
     ids = np.random.default_rng(1).integers(3, 256, size=(2, 20)).astype(np.int32)
     full = model.logits(ids)
-    stepped = _run_modes(model, ids, prompt_len=5, chunks=(4, 3))
+    stepped = run_modes(model, ids, prompt_len=5, chunks=(4, 3))
     # float32, chunked vs recurrent GDN: up to 1.2e-5 of the largest logit over random draws.
     np.testing.assert_allclose(stepped, full, rtol=3e-5, atol=3e-5 * np.abs(full).max())
 
